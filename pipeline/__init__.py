@@ -1,0 +1,1 @@
+"""CLI, params loading and validation, Dask client, progress and logging."""

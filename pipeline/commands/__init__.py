@@ -1,0 +1,1 @@
+"""CLI commands, one module per room of the pipeline; `pipeline.cli` gathers them."""

@@ -1,0 +1,1 @@
+"""One module per pipeline stage: `run(config, ...)` over stores and models."""

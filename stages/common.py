@@ -1,0 +1,61 @@
+"""Config sections shared by several stages: execution and model references."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from stages.config import require
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """`execution:` in params. Device auto = cuda when present, else cpu."""
+
+    device: str = "auto"
+    scheduler_address: str | None = None  # a dask.distributed scheduler; None = local
+    workers: int = 1  # local scheduler threads/processes for encoder passes
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        require(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            "device", self.device, "auto, cpu, cuda or cuda:N",
+        )
+        require(self.workers >= 1, "workers", self.workers, "an integer >= 1")
+        require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class GeneratorRef:
+    """A generator: a checkpoint `path`, or a registered `config` built with `seed`."""
+
+    path: str | None = None
+    config: str = "tiny-64"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ClipRef:
+    """A CLIP model: open_clip `name` + local `weights`, or a registered tiny config."""
+
+    name: str = "deltaedit-tiny"
+    weights: str | None = None
+    seed: int = 0
+    trust_checkpoint: bool = False  # allow TorchScript files (weights_only=False)
+    preprocessing: Literal["clip", "deltaedit"] = "deltaedit"
+
+
+@dataclass(frozen=True)
+class E4ERef:
+    path: str | None = None
+    config: str = "tiny"
+    seed: int = 0
