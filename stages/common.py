@@ -20,7 +20,9 @@ class ExecutionConfig:
     def validate(self) -> None:
         require(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-            "device", self.device, "auto, cpu, cuda or cuda:N",
+            "device",
+            self.device,
+            "auto, cpu, cuda or cuda:N",
         )
         require(self.workers >= 1, "workers", self.workers, "an integer >= 1")
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
