@@ -1,0 +1,219 @@
+"""The block runner every encoder pass uses.
+
+A pass is a picklable callable `task(block) -> BlockReport` that reads its inputs,
+computes one shard-aligned block of rows and writes it (data, status, then the
+done mark) itself, so a worker never ships arrays back. `run_blocks` schedules one
+Dask task per pending block:
+
+- local (default): Dask's threaded scheduler with `execution.workers` threads;
+- `execution.scheduler_address`: a `dask.distributed` Client on that scheduler.
+
+Models are loaded once per worker process through `cached(key, loader)`, keyed
+by a hashable model reference (frozen dataclass + device). A tqdm bar counts
+blocks; `PassSummary.line()` is the summary printed at the end of the pass.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from tqdm import tqdm
+
+from stages.common import ExecutionConfig
+
+T = TypeVar("T")
+MAX_REASON_LINES = 20  # per-row problem lines kept for the summary
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    """What one block did: rows, rows per status name, a few 'source: reason' lines."""
+
+    block: int
+    rows: int
+    counts: dict[str, int]
+    reasons: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+
+class BlockTask(Protocol):
+    def __call__(self, block: int) -> BlockReport: ...
+
+
+@dataclass
+class PassSummary:
+    name: str
+    blocks_total: int
+    blocks_run: int = 0
+    rows: int = 0
+    counts: Counter = field(default_factory=Counter)
+    reasons: list[str] = field(default_factory=list)
+    n_reasons: int = 0
+    seconds: float = 0.0
+
+    def add(self, report: BlockReport) -> None:
+        self.blocks_run += 1
+        self.rows += report.rows
+        self.counts.update(report.counts)
+        self.n_reasons += len(report.reasons)
+        room = MAX_REASON_LINES - len(self.reasons)
+        if room > 0:
+            self.reasons.extend(report.reasons[:room])
+
+    @property
+    def ok(self) -> int:
+        return self.counts.get("OK", 0)
+
+    def line(self) -> str:
+        """One line: rows ok / not ok by reason / throughput, plus resumed blocks."""
+        bad = {k: v for k, v in sorted(self.counts.items()) if k != "OK" and v}
+        rate = self.rows / self.seconds if self.seconds > 0 else 0.0
+        text = f"{self.name}: {self.rows} rows in {self.blocks_run} blocks, ok {self.ok}"
+        if bad:
+            text += ", not ok " + ", ".join(f"{k} {v}" for k, v in bad.items())
+        text += f"; {rate:.1f} rows/s ({self.seconds:.1f} s)"
+        skipped = self.blocks_total - self.blocks_run
+        if skipped:
+            text += f"; {skipped} blocks already done"
+        return text
+
+    def details(self) -> list[str]:
+        """The per-row problem lines (at most MAX_REASON_LINES, then a count)."""
+        lines = list(self.reasons)
+        if self.n_reasons > len(lines):
+            lines.append(f"... and {self.n_reasons - len(lines)} more")
+        return lines
+
+
+# --- per-process model cache -----------------------------------------------------------------
+
+_MODELS: dict[Hashable, Any] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def cached(key: Hashable, loader: Callable[[], T]) -> T:
+    """The object for `key`, built once per process (threads share it)."""
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = loader()
+        return _MODELS[key]
+
+
+def clear_cache() -> None:
+    with _MODELS_LOCK:
+        _MODELS.clear()
+
+
+# --- the runner --------------------------------------------------------------------------------
+
+
+def run_blocks(
+    task: BlockTask,
+    blocks: Sequence[int],
+    execution: ExecutionConfig,
+    name: str,
+    blocks_total: int | None = None,
+    progress: bool = True,
+) -> PassSummary:
+    """Run `task` once per block in `blocks` (the pending ones); return the summary.
+
+    A failing task stops the pass with its exception; blocks already written stay
+    done, so a rerun resumes from them.
+    """
+    summary = PassSummary(name, blocks_total if blocks_total is not None else len(blocks))
+    start = time.perf_counter()
+    bar = tqdm(total=len(blocks), desc=name, unit="block", disable=not progress, leave=False)
+    try:
+        if not blocks:
+            pass
+        elif execution.scheduler_address:
+            _run_distributed(task, blocks, execution.scheduler_address, name, summary, bar)
+        else:
+            _run_local(task, blocks, execution.workers, name, summary, bar)
+    finally:
+        bar.close()
+        summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _run_local(
+    task: BlockTask,
+    blocks: Sequence[int],
+    workers: int,
+    name: str,
+    summary: PassSummary,
+    bar: tqdm,
+) -> None:
+    import dask
+    from dask.callbacks import Callback
+
+    lock = threading.Lock()
+
+    def posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        if isinstance(result, BlockReport):
+            with lock:
+                summary.add(result)
+                bar.update(1)
+
+    tasks = [dask.delayed(task, pure=False)(b, dask_key_name=f"{name}-block-{b}") for b in blocks]
+    with Callback(posttask=posttask):
+        dask.compute(*tasks, scheduler="threads", num_workers=workers)
+
+
+def _run_distributed(
+    task: BlockTask,
+    blocks: Sequence[int],
+    address: str,
+    name: str,
+    summary: PassSummary,
+    bar: tqdm,
+) -> None:
+    from distributed import Client, as_completed
+
+    with Client(address, set_as_default=False) as client:
+        futures = client.map(
+            task,
+            list(blocks),
+            pure=False,
+            key=[f"{name}-block-{b}-{time.time_ns()}" for b in blocks],
+        )
+        for future in as_completed(futures):
+            summary.add(future.result())
+            bar.update(1)
+
+
+# --- overlap decoding with the model -------------------------------------------------------
+
+
+def prefetch_map(
+    load: Callable[[Any], T], items: Sequence[Any], threads: int, ahead: int
+) -> Iterator[T]:
+    """`load(item)` for each item, in order, computed by `threads` threads up to `ahead`
+    items in front of the consumer (bounded memory), so decoding overlaps the model."""
+    if threads <= 0:
+        for item in items:
+            yield load(item)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        pending: deque = deque()
+        it = iter(items)
+        for item in it:
+            pending.append(pool.submit(load, item))
+            if len(pending) >= ahead:
+                break
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(it, _END)
+            if nxt is not _END:
+                pending.append(pool.submit(load, nxt))
+            yield result
+
+
+_END = object()
