@@ -1,0 +1,698 @@
+"""Edit stage: a prompt turned into S deltas over cached latents (no image is encoded).
+
+DeltaEdit inference (paper + official code), with the strength alpha added:
+
+    delta_t = normalize(t_target) - normalize(t_neutral)        (template averages, [E])
+    keep_k  = |relevance_k . delta_t| >= beta                   (unnormalized delta_t; beta 0 = all)
+    delta_s = mapper(s_conv, [normalize(c) || normalize(delta_t)])   ([B, Dconv])
+    s'_conv = s_conv + alpha * keep * level_mask * delta_s      (toRGB styles unchanged)
+
+Several targets in one edit add up: sum_k alpha_k * keep_k * delta_s_k. The
+`global-direction` method (StyleCLIP) needs no mapper:
+delta_s_k = alpha * s_std_k * r_k / max|r| with r = relevance . delta_t, beta-masked.
+
+The math lives in small pure functions on tensors; `run()` wires them to the
+stores: it reads s and c rows block by block and writes `edits/<name>.zarr`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from model.layout import LEVELS, SLayout
+from stages.common import ClipRef, ExecutionConfig, resolve_device
+from stages.config import ConfigError, require
+
+Method = Literal["mapper", "global-direction"]
+NEUTRAL_BY_KIND = {"faces": "face", "cats": "cat", "shapes": "shape"}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+ALPHA_LIMIT = 10.0
+
+
+# --- pure math on tensors -----------------------------------------------------------
+
+
+def normalize(x: torch.Tensor, dim: int = -1, eps: float = 1e-8) -> torch.Tensor:
+    return x / x.norm(dim=dim, keepdim=True).clamp_min(eps)
+
+
+def text_delta(t_target: torch.Tensor, t_neutral: torch.Tensor) -> torch.Tensor:
+    """delta_t [E] = normalize(t_target) - normalize(t_neutral) (left unnormalized)."""
+    return normalize(t_target.float()) - normalize(t_neutral.float())
+
+
+def beta_mask(relevance: torch.Tensor | None, delta_t: torch.Tensor, beta: float) -> torch.Tensor:
+    """Channels kept [Dconv] bool: |relevance [Dconv, E] . delta_t [E]| >= beta.
+
+    beta 0 keeps every channel (no relevance needed). delta_t is used as given
+    (the official code thresholds the unnormalized difference).
+    """
+    if beta <= 0:
+        if relevance is None:
+            raise ValueError("beta_mask: beta 0 needs the relevance only for its size")
+        return torch.ones(relevance.shape[0], dtype=torch.bool, device=relevance.device)
+    if relevance is None:
+        raise ValueError("beta > 0 needs the relevance directions (run `deltaedit relevance`)")
+    r = relevance.float() @ delta_t.float().to(relevance.device)  # [Dconv]
+    return r.abs() >= beta
+
+
+def level_mask(layout: SLayout, levels: Sequence[str]) -> torch.Tensor:
+    """Conv channels [Dconv] bool that belong to the chosen levels (coarse/medium/fine)."""
+    mask = torch.zeros(layout.conv_dim, dtype=torch.bool)
+    for level, sl in layout.level_slices().items():
+        if level in levels:
+            mask[sl] = True
+    return mask
+
+
+def mapper_condition(c: torch.Tensor, delta_t: torch.Tensor) -> torch.Tensor:
+    """Mapper condition [B, 2E] = [normalize(c) || normalize(delta_t)] for image embeddings c."""
+    c_hat = normalize(c.float())
+    d_hat = normalize(delta_t.float().to(c.device)).expand_as(c_hat)
+    return torch.cat([c_hat, d_hat], dim=1)
+
+
+@dataclass
+class TargetDelta:
+    """One target of an edit: its text delta, strength and channel mask [Dconv]."""
+
+    prompt: str
+    delta_t: torch.Tensor  # [E], unnormalized
+    alpha: float
+    mask: torch.Tensor  # [Dconv] bool: beta mask & level mask
+
+
+def mapper_delta(
+    mapper: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    s_conv: torch.Tensor,
+    c: torch.Tensor,
+    targets: Sequence[TargetDelta],
+) -> torch.Tensor:
+    """delta_s_conv [B, Dconv] = sum_k alpha_k * mask_k * mapper(s_conv, cond_k)."""
+    total = torch.zeros_like(s_conv)
+    for t in targets:
+        d = mapper(s_conv, mapper_condition(c, t.delta_t))
+        total += t.alpha * d * t.mask.to(d.device, d.dtype)
+    return total
+
+
+def global_direction_delta(
+    relevance: torch.Tensor, s_std_conv: torch.Tensor, targets: Sequence[TargetDelta]
+) -> torch.Tensor:
+    """StyleCLIP global direction [Dconv]: sum_k alpha_k * s_std * r_k / max|r_k| (masked).
+
+    r_k = relevance . delta_t_k. Scaling by the largest kept |r| makes alpha mean
+    "the most relevant channel moves alpha standard deviations".
+    """
+    total = torch.zeros(relevance.shape[0], dtype=torch.float32, device=relevance.device)
+    for t in targets:
+        mask = t.mask.to(relevance.device)
+        r = (relevance.float() @ t.delta_t.float().to(relevance.device)) * mask
+        peak = r.abs().max()
+        if peak > 0:
+            total += t.alpha * s_std_conv.float().to(relevance.device) * r / peak
+    return total
+
+
+def apply_delta(
+    s: torch.Tensor, delta_conv: torch.Tensor, conv_index: torch.Tensor
+) -> torch.Tensor:
+    """s' [B, D]: s with delta_conv ([B, Dconv] or [Dconv]) added on the conv channels only."""
+    out = s.clone()
+    out[:, conv_index] += delta_conv.to(s.dtype)
+    return out
+
+
+# --- config ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EditSpec:
+    """One edit: `target` (one prompt or several composed), strength(s), mask, levels.
+
+    `alphas` runs a sweep: one edit per value, named `<name>_a<value>`, each
+    target's alpha multiplied by the value.
+    """
+
+    name: str
+    target: str | tuple[str, ...]
+    neutral: str | None = None  # None = edit.dataset_kind's neutral word
+    alpha: float | tuple[float, ...] = 1.0
+    beta: float = 0.03
+    levels: tuple[str, ...] = LEVELS
+    alphas: tuple[float, ...] = ()
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return (self.target,) if isinstance(self.target, str) else tuple(self.target)
+
+    @property
+    def target_alphas(self) -> tuple[float, ...]:
+        if isinstance(self.alpha, (int, float)):
+            return (float(self.alpha),) * len(self.targets)
+        return tuple(float(a) for a in self.alpha)
+
+    def validate(self, key: str = "edit") -> None:
+        check_name(self.name, f"{key}.name")
+        require(len(self.targets) >= 1, f"{key}.target", self.target, "a prompt or a list")
+        for p in self.targets:
+            check_prompt(p, f"{key}.target")
+        if self.neutral is not None:
+            check_prompt(self.neutral, f"{key}.neutral")
+        require(
+            len(self.target_alphas) == len(self.targets),
+            f"{key}.alpha",
+            self.alpha,
+            f"one number or a list of {len(self.targets)} (one per target)",
+        )
+        for a in self.target_alphas:
+            check_alpha(a, f"{key}.alpha")
+        for a in self.alphas:
+            check_alpha(a, f"{key}.alphas")
+            for base in self.target_alphas:
+                check_alpha(a * base, f"{key}.alphas (x alpha)")
+        check_beta(self.beta, f"{key}.beta")
+        require(
+            len(self.levels) > 0 and all(lv in LEVELS for lv in self.levels),
+            f"{key}.levels",
+            list(self.levels),
+            "a non-empty subset of coarse, medium, fine",
+        )
+
+    def expand(self) -> list[ResolvedEdit]:
+        """One resolved edit, or one per sweep value."""
+        sweep = self.alphas or (None,)
+        out = []
+        for v in sweep:
+            scale = 1.0 if v is None else float(v)
+            name = self.name if v is None else f"{self.name}_a{v:g}"
+            check_name(name, "edit.name")
+            out.append(
+                ResolvedEdit(
+                    name=name,
+                    base_name=self.name,
+                    sweep=v,
+                    targets=self.targets,
+                    alphas=tuple(a * scale for a in self.target_alphas),
+                    neutral=self.neutral,
+                    beta=self.beta,
+                    levels=tuple(self.levels),
+                )
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class ResolvedEdit:
+    name: str
+    base_name: str
+    sweep: float | None
+    targets: tuple[str, ...]
+    alphas: tuple[float, ...]
+    neutral: str | None
+    beta: float
+    levels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which rows to edit: all ok rows, given ids, a [start, stop) range, or a random sample."""
+
+    ids: tuple[str, ...] = ()
+    range: tuple[int, ...] = ()  # (start, stop)
+    sample: int | None = None
+    seed: int = 0
+
+    def validate(self, key: str = "edit.select") -> None:
+        given = sum([bool(self.ids), bool(self.range), self.sample is not None])
+        require(given <= 1, key, "several", "at most one of ids, range, sample")
+        if self.range:
+            require(
+                len(self.range) == 2 and 0 <= self.range[0] < self.range[1],
+                f"{key}.range",
+                list(self.range),
+                "[start, stop) with 0 <= start < stop",
+            )
+        if self.sample is not None:
+            require(self.sample >= 1, f"{key}.sample", self.sample, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """`edit:` in params."""
+
+    edits: tuple[EditSpec, ...] = ()
+    dataset_kind: Literal["faces", "cats", "shapes"] = "shapes"
+    method: Method = "mapper"
+    store: str = "data/images"  # a dataset root holding s.zarr and clip.zarr (+ manifest.zarr)
+    mapper: str = "data/mapper.safetensors"
+    relevance: str = "data/relevance.zarr"
+    out_dir: str = "data/edits"
+    templates: tuple[str, ...] = ("{}",)
+    select: Selection = field(default_factory=Selection)
+
+    def validate(self) -> None:
+        names: set[str] = set()
+        for i, spec in enumerate(self.edits):
+            spec.validate(f"edits[{i}]")
+            for r in spec.expand():
+                require(r.name not in names, f"edits[{i}].name", r.name, "a unique edit name")
+                names.add(r.name)
+        require(len(self.templates) >= 1, "templates", list(self.templates), "a non-empty list")
+        for t in self.templates:
+            require("{}" in t, "templates", t, "templates containing {} for the prompt")
+        self.select.validate()
+
+    def neutral_for(self, edit: ResolvedEdit) -> str:
+        return edit.neutral if edit.neutral is not None else NEUTRAL_BY_KIND[self.dataset_kind]
+
+    def resolved(self) -> list[ResolvedEdit]:
+        return [r for spec in self.edits for r in spec.expand()]
+
+
+def check_name(name: str, key: str) -> None:
+    require(
+        isinstance(name, str) and bool(NAME_RE.match(name)) and ".." not in name,
+        key,
+        name,
+        "a plain file name (letters, digits, . _ -; no path separators, no '..', not absolute)",
+    )
+
+
+def check_prompt(prompt: str, key: str) -> None:
+    require(isinstance(prompt, str) and prompt.strip() != "", key, prompt, "a non-empty prompt")
+
+
+def check_alpha(alpha: float, key: str) -> None:
+    ok = isinstance(alpha, (int, float)) and math.isfinite(alpha) and abs(alpha) <= ALPHA_LIMIT
+    require(ok, key, alpha, f"a finite number in [-{ALPHA_LIMIT:g}, {ALPHA_LIMIT:g}]")
+
+
+def check_beta(beta: float, key: str) -> None:
+    ok = isinstance(beta, (int, float)) and math.isfinite(beta) and 0 <= beta < 1
+    require(ok, key, beta, "a number in [0, 1)")
+
+
+# --- wiring to stores and models ----------------------------------------------------
+
+
+class EditError(ValueError):
+    """Bad input found before any work (mismatched mapper, missing store ...): one line."""
+
+
+@dataclass
+class EditResult:
+    name: str
+    url: str
+    n_edited: int
+    n_skipped: int
+    seconds: float
+
+
+def dataset_urls(root: str) -> dict[str, str]:
+    from store import store_url
+
+    return {k: store_url(root, k) for k in ("manifest", "clip", "s")}
+
+
+def select_rows(cfg: Selection, ok: np.ndarray, n_rows: int, ids: np.ndarray | None) -> np.ndarray:
+    """Rows to edit (sorted int64), a subset of the ok rows."""
+    ok = np.asarray(ok, dtype=np.int64)
+    if cfg.ids:
+        if ids is None:
+            raise EditError("edit.select.ids needs manifest.zarr beside s.zarr to look ids up")
+        lookup = {str(v): i for i, v in enumerate(ids)}
+        missing = [i for i in cfg.ids if i not in lookup]
+        if missing:
+            raise EditError(f"edit.select.ids: unknown ids {missing[:5]} (not in the manifest)")
+        chosen = np.array(sorted(lookup[i] for i in cfg.ids), dtype=np.int64)
+        return np.intersect1d(chosen, ok)
+    if cfg.range:
+        start, stop = cfg.range
+        if start >= n_rows:
+            raise EditError(f"edit.select.range: start {start} >= number of rows {n_rows}")
+        return ok[(ok >= start) & (ok < stop)]
+    if cfg.sample is not None:
+        rng = np.random.default_rng(cfg.seed)
+        k = min(cfg.sample, len(ok))
+        return np.sort(rng.choice(ok, size=k, replace=False))
+    return ok
+
+
+def encode_prompt(clip: Any, prompt: str, templates: Sequence[str]) -> torch.Tensor:
+    """Template-averaged, normalized text embedding [E]; a truncation warning is re-raised
+    as a visible warning that names the prompt."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = clip.encode_text([prompt], templates=tuple(templates))[0]
+    for w in caught:
+        msg = str(w.message)
+        if "trunc" in msg.lower():
+            warnings.warn(f"prompt {prompt[:40]!r}...: {msg}", UserWarning, stacklevel=2)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return t.detach().float().cpu()
+
+
+def prepare_targets(
+    edit: ResolvedEdit,
+    neutral: str,
+    clip: Any,
+    templates: Sequence[str],
+    relevance: torch.Tensor | None,
+    layout: SLayout,
+) -> list[TargetDelta]:
+    t_neutral = encode_prompt(clip, neutral, templates)
+    lv = level_mask(layout, edit.levels)
+    out = []
+    for prompt, alpha in zip(edit.targets, edit.alphas, strict=True):
+        dt = text_delta(encode_prompt(clip, prompt, templates), t_neutral)
+        if edit.beta > 0:
+            keep = beta_mask(relevance, dt, edit.beta).cpu()
+        else:
+            keep = torch.ones(layout.conv_dim, dtype=torch.bool)
+        out.append(TargetDelta(prompt, dt, float(alpha), keep & lv))
+    return out
+
+
+@dataclass
+class Relevance:
+    directions: torch.Tensor  # [Dconv, E]
+    s_mean: np.ndarray  # [D]
+    s_std: np.ndarray  # [D]
+    attrs: dict
+
+
+def load_relevance(url: str) -> Relevance:
+    from stages.relevance import read_relevance
+
+    return read_relevance(url)
+
+
+def edit_fingerprint(attrs: dict) -> str:
+    return hashlib.sha256(json.dumps(attrs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_mapper(mapper: Any, mapper_cfg: dict, layout: SLayout, clip: Any, c_attrs: dict) -> None:
+    """A mapper trained for another S layout or CLIP model is an error before any work."""
+    m_layout = getattr(mapper, "layout", None)
+    if m_layout is not None and m_layout.to_dict() != layout.to_dict():
+        raise EditError(
+            f"mapper was trained for another S layout (Dconv {m_layout.conv_dim}, D {m_layout.dim})"
+            f" than the store's (Dconv {layout.conv_dim}, D {layout.dim}); retrain with "
+            "`deltaedit train` on this store"
+        )
+    if getattr(mapper, "clip_dim", clip.embed_dim) != clip.embed_dim:
+        raise EditError(
+            f"mapper expects CLIP embeddings of size {mapper.clip_dim}, the CLIP model "
+            f"{clip.name} gives {clip.embed_dim}"
+        )
+    want = _recorded_clip_fingerprint(mapper_cfg)
+    if want is not None and want != clip.fingerprint:
+        raise EditError(
+            f"mapper was trained with CLIP {want[:12]}, the params name CLIP "
+            f"{clip.fingerprint[:12]} ({clip.name}); use the CLIP it was trained with"
+        )
+    c_fp = c_attrs.get("fingerprint")
+    if c_fp is not None and c_fp != clip.fingerprint:
+        raise EditError(
+            f"clip.zarr was encoded with CLIP {str(c_fp)[:12]}, the params name CLIP "
+            f"{clip.fingerprint[:12]}; text and image embeddings must come from one model"
+        )
+
+
+def _recorded_clip_fingerprint(cfg: dict) -> str | None:
+    for key in ("clip_fingerprint", "clip"):
+        v = cfg.get(key)
+        if isinstance(v, str) and len(v) >= 32:
+            return v
+        if isinstance(v, dict) and isinstance(v.get("fingerprint"), str):
+            return v["fingerprint"]
+    train = cfg.get("train")
+    if isinstance(train, dict):
+        return _recorded_clip_fingerprint(train)
+    return None
+
+
+def run(
+    cfg: EditConfig,
+    execution: ExecutionConfig | None = None,
+    clip_ref: ClipRef | None = None,
+    *,
+    clip: Any | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[EditResult]:
+    """Run every edit in `cfg` over the selected ok rows of `cfg.store`."""
+    from tqdm import tqdm
+
+    from model.clip import load_clip
+    from store import ArraySpec, FingerprintMismatch, RowStore, Status
+
+    execution = execution or ExecutionConfig()
+    edits = cfg.resolved()
+    if not edits:
+        raise EditError("no edits: list them under edit.edits in params or pass --target")
+    device = resolve_device(execution.device)
+    urls = dataset_urls(cfg.store)
+    s_store = RowStore.open(urls["s"])
+    c_store = RowStore.open(urls["clip"])
+    if c_store.n_rows != s_store.n_rows:
+        raise EditError(
+            f"{urls['clip']} has {c_store.n_rows} rows, {urls['s']} has {s_store.n_rows}"
+        )
+    layout = SLayout.from_dict(s_store.attrs["layout"])
+    if clip is None:
+        ref = clip_ref or ClipRef()
+        clip = load_clip(
+            ref.name,
+            ref.weights,
+            device=device,
+            trust_checkpoint=ref.trust_checkpoint,
+            seed=ref.seed,
+        )
+
+    # --- everything checked before any work ---
+    mapper, mapper_cfg = None, {}
+    if cfg.method == "mapper":
+        mapper, mapper_cfg = _load_mapper(cfg.mapper)
+        check_mapper(mapper, mapper_cfg, layout, clip, c_store.attrs)
+        mapper = mapper.to(device).eval()
+    relevance = None
+    need_rel = cfg.method == "global-direction" or any(e.beta > 0 for e in edits)
+    if need_rel:
+        relevance = load_relevance(cfg.relevance)
+        check_relevance(relevance, layout, clip)
+    manifest_ids = _manifest_ids(urls["manifest"], s_store.n_rows)
+    ok = np.intersect1d(s_store.ok_rows(), c_store.ok_rows())
+    rows = select_rows(cfg.select, ok, s_store.n_rows, manifest_ids)
+    if len(rows) == 0:
+        raise EditError(f"no ok rows to edit in {cfg.store} (selection {cfg.select})")
+    prepared = []
+    for edit in edits:
+        neutral = cfg.neutral_for(edit)
+        targets = prepare_targets(edit, neutral, clip, cfg.templates, _dirs(relevance), layout)
+        prepared.append((edit, neutral, targets))
+
+    conv_index = torch.as_tensor(layout.conv_index(), dtype=torch.long)
+    selected = np.zeros(s_store.n_rows, dtype=bool)
+    selected[rows] = True
+    results = []
+    for edit, neutral, targets in prepared:
+        t0 = time.perf_counter()
+        attrs = _provenance(cfg, edit, neutral, targets, s_store, c_store, clip, mapper, relevance)
+        attrs["fingerprint"] = edit_fingerprint(attrs)
+        url = f"{cfg.out_dir.rstrip('/')}/{edit.name}.zarr"
+        spec = {"s": ArraySpec((layout.dim,), "float32")}
+        try:
+            out = RowStore.create(
+                url, s_store.n_rows, s_store.rows_per_shard, spec, attrs, mode="resume"
+            )
+        except FingerprintMismatch:
+            log(f"edit {edit.name}: prompts or models changed, rewriting {url}")
+            out = RowStore.create(
+                url, s_store.n_rows, s_store.rows_per_shard, spec, attrs, mode="overwrite"
+            )
+        gd = None
+        if cfg.method == "global-direction":
+            s_std_conv = torch.as_tensor(relevance.s_std[layout.conv_index()])
+            gd = global_direction_delta(relevance.directions, s_std_conv, targets)
+        blocks = out.pending_blocks()
+        n_edit = n_skip = 0
+        bar = tqdm(blocks, desc=f"edit {edit.name}", unit="block", disable=not progress)
+        for b in bar:
+            sl = out.block_rows(b)
+            block_sel = selected[sl]
+            s_new = np.zeros((sl.stop - sl.start, layout.dim), dtype=np.float32)
+            status = np.full(sl.stop - sl.start, int(Status.SKIPPED), dtype=np.uint8)
+            if block_sel.any():
+                idx = np.nonzero(block_sel)[0]
+                s_blk = s_store.read("s", rows=sl)[idx]
+                c_blk = c_store.read("embed", rows=sl)[idx] if mapper is not None else None
+                s_new[idx] = edit_rows(
+                    s_blk, c_blk, targets, conv_index, mapper, gd, execution.batch_size, device
+                )
+                status[idx] = int(Status.OK)
+            out.write_block(b, {"s": s_new}, status)
+            n_edit += int(block_sel.sum())
+            n_skip += int((~block_sel).sum())
+        bar.close()
+        dt = time.perf_counter() - t0
+        total = out.status()
+        n_edit_all = int((total == int(Status.OK)).sum())
+        log(
+            f"edit {edit.name}: {n_edit_all} rows edited, {s_store.n_rows - n_edit_all} skipped "
+            f"(not selected or not ok upstream), {n_edit / max(dt, 1e-9):.0f} rows/s -> {url}"
+        )
+        results.append(EditResult(edit.name, url, n_edit_all, s_store.n_rows - n_edit_all, dt))
+    return results
+
+
+@torch.no_grad()
+def edit_rows(
+    s: np.ndarray,
+    c: np.ndarray | None,
+    targets: Sequence[TargetDelta],
+    conv_index: torch.Tensor,
+    mapper: Any | None,
+    gd_delta: torch.Tensor | None,
+    batch_size: int,
+    device: str = "cpu",
+) -> np.ndarray:
+    """s' for rows s [n, D] (c [n, E] for the mapper) in batches."""
+    out = np.empty_like(s, dtype=np.float32)
+    ci = conv_index.to(device)
+    for i in range(0, len(s), batch_size):
+        sb = torch.as_tensor(s[i : i + batch_size], dtype=torch.float32, device=device)
+        if mapper is not None:
+            cb = torch.as_tensor(c[i : i + batch_size], dtype=torch.float32, device=device)
+            delta = mapper_delta(mapper, sb[:, ci], cb, targets)
+        else:
+            delta = gd_delta.to(device).expand(len(sb), -1)
+        out[i : i + batch_size] = apply_delta(sb, delta, ci).cpu().numpy()
+    return out
+
+
+def check_relevance(rel: Relevance, layout: SLayout, clip: Any) -> None:
+    d = rel.directions
+    if tuple(d.shape) != (layout.conv_dim, clip.embed_dim):
+        raise EditError(
+            f"relevance directions have shape {tuple(d.shape)}, this store and CLIP need "
+            f"({layout.conv_dim}, {clip.embed_dim}); rerun `deltaedit relevance`"
+        )
+    fp = rel.attrs.get("clip")
+    if isinstance(fp, str) and fp != clip.fingerprint and rel.attrs.get("method") != "official-fs3":
+        raise EditError(
+            f"relevance was computed with CLIP {fp[:12]}, the params name CLIP "
+            f"{clip.fingerprint[:12]}; rerun `deltaedit relevance`"
+        )
+
+
+def _dirs(rel: Relevance | None) -> torch.Tensor | None:
+    return None if rel is None else rel.directions
+
+
+def _load_mapper(path: str) -> tuple[Any, dict]:
+    from pathlib import Path
+
+    from model.mapper import load_mapper
+
+    if not Path(path).exists():
+        raise EditError(f"{path}: no mapper checkpoint (run `deltaedit train` first)")
+    mapper = load_mapper(path)
+    cfg: dict = {}
+    side = Path(path).with_suffix(".json")
+    if side.exists():
+        try:
+            cfg = json.loads(side.read_text())
+        except json.JSONDecodeError:
+            cfg = {}
+    return mapper, cfg
+
+
+def _manifest_ids(url: str, n_rows: int) -> np.ndarray | None:
+    from store import RowStore, StoreError
+
+    try:
+        m = RowStore.open(url)
+    except (StoreError, FileNotFoundError):
+        return None
+    if m.n_rows != n_rows or "ids" not in m.array_names:
+        return None
+    return m.read("ids")
+
+
+def _provenance(
+    cfg: EditConfig,
+    edit: ResolvedEdit,
+    neutral: str,
+    targets: Sequence[TargetDelta],
+    s_store: Any,
+    c_store: Any,
+    clip: Any,
+    mapper: Any | None,
+    relevance: Relevance | None,
+) -> dict:
+    return {
+        "stage": "edit",
+        "name": edit.name,
+        "base_name": edit.base_name,
+        "sweep": edit.sweep,
+        "method": cfg.method,
+        "targets": list(edit.targets),
+        "neutral": neutral,
+        "alphas": list(edit.alphas),
+        "beta": edit.beta,
+        "levels": list(edit.levels),
+        "templates": list(cfg.templates),
+        "delta_t": [t.delta_t.tolist() for t in targets],
+        "channels_kept": [int(t.mask.sum()) for t in targets],
+        "mapper": None if mapper is None else getattr(mapper, "fingerprint", None),
+        "mapper_path": cfg.mapper if mapper is not None else None,
+        "clip": clip.fingerprint,
+        "clip_name": clip.name,
+        "relevance": None if relevance is None else relevance.attrs.get("fingerprint"),
+        "source": s_store.url,
+        "source_clip": c_store.url,
+        "source_fingerprint": s_store.attrs.get("fingerprint"),
+        "layout": s_store.attrs["layout"],
+        "selection": {
+            "ids": list(cfg.select.ids),
+            "range": list(cfg.select.range),
+            "sample": cfg.select.sample,
+            "seed": cfg.select.seed,
+        },
+    }
+
+
+def config_error_line(exc: ConfigError) -> str:
+    return f"{exc.key}: got {exc.value!r}, expected {exc.expected}"
+
+
+__all__ = [
+    "EditConfig",
+    "EditSpec",
+    "EditError",
+    "Selection",
+    "TargetDelta",
+    "apply_delta",
+    "beta_mask",
+    "global_direction_delta",
+    "level_mask",
+    "mapper_condition",
+    "mapper_delta",
+    "run",
+    "text_delta",
+]
