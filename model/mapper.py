@@ -1,0 +1,323 @@
+"""The Delta Mapper (DeltaEdit, CVPR 2023): (s, [c, delta_c]) -> delta_s.
+
+The network predicts an S-space edit delta_s from the source style code s (conv
+channels only) and a condition cond = [normalize(c) || normalize(delta_c)], where c
+is the CLIP image embedding of the source and delta_c a CLIP direction (image
+difference while training, text difference at inference).
+
+Structure (official `delta_mapper.py`, state-dict keys kept so `net_face.pth` loads
+unchanged). The conv channels of s split into three levels (see model/layout.py):
+coarse = 4-8 px, medium = 16-32 px, fine = 64 px and up. Per level:
+
+    style module      sm_<level> = Mapper(C, C)    PixelNorm + 4 EqualLinear, on s
+    condition module  cm_<level> = Mapper(2E, C)   PixelNorm + 4 EqualLinear, on cond
+    fusion module     fm_<level> = Mapper(2C, C)   4 EqualLinear, on [sm(s) || cm(cond)]
+
+Every EqualLinear has lr_mul 0.01 and is followed by the fused leaky ReLU
+(slope 0.2, gain sqrt(2)), the last layer of every Mapper included.
+
+Two forms of a level, chosen from the layout:
+
+* per-layer: all L layers of the level have the same width C (and L >= 2). s is
+  viewed as [B, L, C], the mappers act on the last axis with weights shared across
+  layers, and cm(cond) [B, C] is repeated on every layer. The official coarse
+  (3 x 512) and medium (4 x 512) levels.
+* flat: unequal widths, or a single layer. s is the flat [B, W] slice of the level.
+  The official fine level (2464 = 512+512+512+256+256+128+128+64+64+32).
+
+A level without conv layers (e.g. fine at 32 px) has no modules and no output.
+PixelNorm normalizes over dim 1 as the official code does: for [B, L, C] that is
+the *layer* axis (each channel across the level's layers), not the channels. Kept
+for checkpoint compatibility. With the official 1024 config-f layout and E = 512
+this is exactly the official network (82.8 M parameters).
+
+Equalized learning rate, folded: the official EqualLinear stores W (init randn /
+lr_mul) and b, and computes lrelu(x @ (W * lr_mul / sqrt(in)).T + lr_mul * b) * sqrt(2).
+Here the parameters hold the effective values W * g_w and b * g_b with
+g_w = lr_mul * sqrt(2) / sqrt(in) and g_b = lr_mul * sqrt(2) (sqrt(2) > 0 commutes with
+leaky ReLU), so a forward pass is one addmm + one in-place leaky ReLU. `state_dict()`
+and `load_state_dict()` convert to and from the official values, so checkpoints are
+official. Adam on the effective parameters equals Adam on the official ones when
+each parameter's lr is multiplied by g and eps divided by g: see `param_groups`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.checkpoint import (
+    CheckpointError,
+    fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+    torch_load_safe,
+)
+from model.layout import LEVELS, Level, SLayout
+
+LR_MUL = 0.01
+N_LAYERS = 4  # EqualLinear layers per Mapper
+FORMAT = "deltaedit-mapper"
+
+# The official generator: StyleGAN2 config-f, 1024 px.
+OFFICIAL_CHANNELS = {
+    4: 512,
+    8: 512,
+    16: 512,
+    32: 512,
+    64: 512,
+    128: 256,
+    256: 128,
+    512: 64,
+    1024: 32,
+}
+
+
+def official_layout() -> SLayout:
+    """S layout of the 1024 px config-f generator (Dconv = 6048)."""
+    return SLayout.from_channels(1024, OFFICIAL_CHANNELS)
+
+
+class PixelNorm(nn.Module):
+    """x / rms(x) over dim 1 (the layer axis for [B, L, C] inputs, as in the official code)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + 1e-8)
+
+
+class EqualLinear(nn.Module):
+    """Linear layer with equalized lr (lr_mul) and fused leaky ReLU 0.2 * sqrt(2).
+
+    `weight` [out, in] and `bias` [out] hold the effective (folded) values; the
+    state dict holds the official ones (see the module docstring).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, lr_mul: float = LR_MUL) -> None:
+        super().__init__()
+        self.gain_w = lr_mul * math.sqrt(2) / math.sqrt(in_dim)
+        self.gain_b = lr_mul * math.sqrt(2)
+        # Official init: W = randn / lr_mul, b = 0.
+        self.weight = nn.Parameter(torch.randn(out_dim, in_dim) * (self.gain_w / lr_mul))
+        self.bias = nn.Parameter(torch.zeros(out_dim))
+        self.register_state_dict_post_hook(EqualLinear._to_official)
+        self.register_load_state_dict_pre_hook(EqualLinear._from_official)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        return F.leaky_relu(F.linear(x, self.weight, self.bias), 0.2, inplace=True)
+
+    def gains(self) -> dict[str, float]:
+        """Effective = official * gain, per parameter name."""
+        return {"weight": self.gain_w, "bias": self.gain_b}
+
+    @staticmethod
+    def _to_official(module: EqualLinear, state: dict, prefix: str, _meta: Any) -> None:
+        for name, gain in module.gains().items():
+            if prefix + name in state:
+                state[prefix + name] = state[prefix + name].detach() / gain
+
+    @staticmethod
+    def _from_official(module: EqualLinear, state: dict, prefix: str, *_: Any) -> None:
+        for name, gain in module.gains().items():
+            if prefix + name in state:
+                state[prefix + name] = state[prefix + name] * gain
+
+    def extra_repr(self) -> str:
+        return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, lr_mul={LR_MUL}"
+
+
+class Mapper(nn.Module):
+    """[PixelNorm] + 4 EqualLinear: in_dim -> out_dim -> out_dim -> out_dim -> out_dim."""
+
+    def __init__(self, in_dim: int, out_dim: int, pixel_norm: bool = True) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [PixelNorm()] if pixel_norm else []
+        layers += [EqualLinear(in_dim if k == 0 else out_dim, out_dim) for k in range(N_LAYERS)]
+        self.mapping = nn.Sequential(*layers)  # keys mapping.{i}.weight / .bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mapping(x)
+
+
+@dataclass(frozen=True)
+class LevelPlan:
+    """How one level of conv-only S is mapped."""
+
+    level: Level
+    span: slice  # its channels in conv-only S
+    n_layers: int  # L (1 in the flat form)
+    width: int  # C per layer (the whole level width W in the flat form)
+
+
+def plan_levels(layout: SLayout) -> list[LevelPlan]:
+    """Per-layer form for >= 2 equal-width layers, flat otherwise; empty levels dropped."""
+    plans = []
+    spans = layout.level_slices()
+    for level in LEVELS:
+        widths = [la.channels for la in layout.level_layers(level)]
+        if not widths:
+            continue
+        if len(widths) >= 2 and len(set(widths)) == 1:
+            plans.append(LevelPlan(level, spans[level], len(widths), widths[0]))
+        else:
+            plans.append(LevelPlan(level, spans[level], 1, sum(widths)))
+    return plans
+
+
+class DeltaMapper(nn.Module):
+    """delta_s = DeltaMapper(s_conv [B, Dconv], cond [B, 2E]) -> [B, Dconv].
+
+    layout None = the official 1024 config-f layout (exact official network).
+    """
+
+    def __init__(self, layout: SLayout | None = None, clip_dim: int = 512) -> None:
+        super().__init__()
+        self.layout = layout if layout is not None else official_layout()
+        self.clip_dim = int(clip_dim)
+        self.plans = plan_levels(self.layout)
+        if not self.plans:
+            raise ValueError("layout has no conv layers: nothing for the mapper to map")
+        cond_dim = 2 * self.clip_dim
+        # Registration order = official state_dict order: all sm_, then cm_, then fm_.
+        for p in self.plans:
+            self.add_module(f"sm_{p.level}", Mapper(p.width, p.width))
+        for p in self.plans:
+            self.add_module(f"cm_{p.level}", Mapper(cond_dim, p.width))
+        for p in self.plans:
+            self.add_module(f"fm_{p.level}", Mapper(2 * p.width, p.width, pixel_norm=False))
+
+    @property
+    def conv_dim(self) -> int:
+        return self.layout.conv_dim
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": 1,
+            "clip_dim": self.clip_dim,
+            "layout": self.layout.to_dict(),
+        }
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the official-convention weights + config."""
+        return fingerprint(self.state_dict(), self.config())
+
+    def forward(self, s_conv: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if s_conv.shape[-1] != self.conv_dim or cond.shape[-1] != 2 * self.clip_dim:
+            raise ValueError(
+                f"mapper expects s_conv [B, {self.conv_dim}] and cond [B, {2 * self.clip_dim}], "
+                f"got {tuple(s_conv.shape)} and {tuple(cond.shape)}"
+            )
+        b = s_conv.shape[0]
+        out = []
+        for p in self.plans:
+            sm, cm, fm = (getattr(self, f"{k}_{p.level}") for k in ("sm", "cm", "fm"))
+            s = s_conv[:, p.span]  # [B, L*C]
+            c = cm(cond)  # [B, C]
+            if p.n_layers > 1:
+                s = s.reshape(b, p.n_layers, p.width)  # [B, L, C]
+                c = c.unsqueeze(1).expand(b, p.n_layers, p.width)  # [B, L, C]
+                fused = fm(torch.cat([sm(s), c], dim=2))  # [B, L, C]
+            else:
+                fused = fm(torch.cat([sm(s), c], dim=1))  # [B, W]
+            out.append(fused.reshape(b, -1))
+        return torch.cat(out, dim=1)  # [B, Dconv]
+
+    def param_groups(self, lr: float, eps: float = 1e-8) -> list[dict[str, Any]]:
+        """Adam groups giving the official update: lr * gain, eps / gain per parameter.
+
+        One group per distinct gain, in a fixed order (module order).
+        """
+        groups: dict[float, dict[str, Any]] = {}
+        for module in self.modules():
+            if isinstance(module, EqualLinear):
+                for name, gain in module.gains().items():
+                    g = groups.setdefault(
+                        gain, {"params": [], "lr": lr * gain, "eps": eps / gain, "gain": gain}
+                    )
+                    g["params"].append(getattr(module, name))
+        return list(groups.values())
+
+
+# --- checkpoints ---------------------------------------------------------------
+
+
+def save_mapper(mapper: DeltaMapper, path: str | Path) -> None:
+    """`path` (safetensors, official key names and values) + its JSON config, atomically."""
+    config = mapper.config() | {"fingerprint": mapper.fingerprint}
+    save_checkpoint(path, mapper.state_dict(), config)
+
+
+def load_mapper(
+    path: str | Path,
+    layout: SLayout | None = None,
+    clip_dim: int | None = None,
+    device: str | torch.device = "cpu",
+) -> DeltaMapper:
+    """This project's safetensors + json, or an official `.pth`/`.pt` state dict.
+
+    An official file carries no config: it is built for `layout` (None = official
+    1024 layout) and `clip_dim` (None = 512). For a safetensors file, `layout` /
+    `clip_dim` if given must match the checkpoint's (else CheckpointError).
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state, config = load_checkpoint(path)
+        if config.get("format") != FORMAT:
+            raise CheckpointError(
+                f"{path}: not a Delta Mapper checkpoint (format {config.get('format')!r})"
+            )
+        ck_layout = SLayout.from_dict(config["layout"])
+        ck_clip = int(config["clip_dim"])
+        if layout is not None and ck_layout != layout:
+            raise CheckpointError(
+                f"{path}: mapper made for another S layout (Dconv {ck_layout.conv_dim}, "
+                f"{len(ck_layout.conv_layers)} conv layers) than expected "
+                f"(Dconv {layout.conv_dim}, {len(layout.conv_layers)} conv layers)"
+            )
+        if clip_dim is not None and ck_clip != clip_dim:
+            raise CheckpointError(
+                f"{path}: mapper made for CLIP dim {ck_clip}, expected {clip_dim}"
+            )
+        mapper = DeltaMapper(ck_layout, ck_clip)
+    else:
+        state = torch_load_safe(path)
+        if (
+            isinstance(state, dict)
+            and "state_dict" in state
+            and isinstance(state["state_dict"], dict)
+        ):
+            state = state["state_dict"]
+        if not isinstance(state, dict) or not all(
+            isinstance(v, torch.Tensor) for v in state.values()
+        ):
+            raise CheckpointError(f"{path}: not a state dict of tensors")
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        mapper = DeltaMapper(layout, 512 if clip_dim is None else clip_dim)
+    _load_strict(mapper, state, path)
+    return mapper.to(device)
+
+
+def _load_strict(mapper: DeltaMapper, state: dict[str, torch.Tensor], path: Path) -> None:
+    own = mapper.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise CheckpointError(
+            f"{path}: keys do not match a Delta Mapper for this layout "
+            f"({len(missing)} missing, {len(extra)} unexpected; {what})"
+        )
+    for key, value in own.items():
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"{path}: {key} has shape {tuple(state[key].shape)}, the mapper for this layout "
+                f"needs {tuple(value.shape)} (a mapper for another S layout or CLIP dim?)"
+            )
+    mapper.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
