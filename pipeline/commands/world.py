@@ -1,7 +1,104 @@
-"""CLI commands: world."""
+"""CLI commands: world (the shapes world: render, train its models, check the judge)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import click
 
+from pipeline.common import config, load, params_options
+
 COMMANDS: list[click.Command] = []
+
+
+@click.group("world")
+def world() -> None:
+    """The shapes world: procedural images with known attributes, models trained on them,
+    and an independent judge that reads attributes from pixels."""
+
+
+@world.command("render")
+@params_options
+@click.option("--out", "out_dir", default=None, help="Output folder (default: world.out_dir).")
+@click.option("--n-images", type=int, default=None, help="Rows to render (world.n_images).")
+@click.option("--seed", type=int, default=None, help="World seed (world.seed).")
+def render_cmd(
+    params_path: str,
+    sets: tuple[str, ...],
+    out_dir: str | None,
+    n_images: int | None,
+    seed: int | None,
+) -> None:
+    """Render the world into a folder: {id}.png per row + labels.json (deterministic by seed)."""
+    from stages.world import WorldConfig, run
+
+    params = load(
+        params_path,
+        sets,
+        {"world.out_dir": out_dir, "world.n_images": n_images, "world.seed": seed},
+    )
+    cfg = config(params, "world", WorldConfig)
+    try:
+        run(cfg)
+    except OSError as exc:
+        raise click.ClickException(f"world render: cannot write {cfg.out_dir}: {exc}") from None
+
+
+@world.command("train")
+@params_options
+@click.option(
+    "--only",
+    type=click.Choice(["all", "autoencoder", "clip"]),
+    default="all",
+    show_default=True,
+    help="Train the generator + encoder, the CLIP, or both.",
+)
+@click.option(
+    "--out", "out_dir", default=None, help="Where weights + metrics go (world_train.out_dir)."
+)
+def train_cmd(params_path: str, sets: tuple[str, ...], only: str, out_dir: str | None) -> None:
+    """Train the world's generator + e4e encoder (autoencoder) and its tiny CLIP."""
+    from stages.world_train import WorldTrainConfig, run
+
+    from stages.world import WorldConfig
+
+    params = load(params_path, sets, {"world_train.out_dir": out_dir})
+    world_cfg = config(params, "world", WorldConfig)
+    cfg = config(params, "world_train", WorldTrainConfig)
+    metrics = run(cfg, world_cfg, only=only)
+    click.echo(json.dumps(metrics, indent=1))
+
+
+@world.command("judge-check")
+@params_options
+@click.option(
+    "--out",
+    "out_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Also write the report to this JSON file.",
+)
+def judge_check_cmd(params_path: str, sets: tuple[str, ...], out_path: str | None) -> None:
+    """Measure the independent judge's accuracy on fresh clean renders (fails below the
+    required accuracy)."""
+    from stages.world import WorldConfig
+    from stages.world_judge import JudgeCheckConfig, judge_check
+
+    params = load(params_path, sets)
+    world_cfg = config(params, "world", WorldConfig)
+    cfg = config(params, "world_judge", JudgeCheckConfig)
+    report = judge_check(cfg, world_cfg)
+    text = json.dumps(report, indent=1)
+    click.echo(text)
+    if out_path:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(text)
+    if not report["passes"]:
+        raise click.ClickException(
+            f"judge accuracy {report['min_accuracy']:.4f} is below the required "
+            f"{cfg.min_accuracy} on clean renders"
+        )
+
+
+COMMANDS.append(world)
