@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 
 from tqdm import tqdm
 
-from stages.common import ExecutionConfig
+from stages.common import ClipRef, E4ERef, ExecutionConfig, GeneratorRef
 
 T = TypeVar("T")
 MAX_REASON_LINES = 20  # per-row problem lines kept for the summary
@@ -217,3 +217,53 @@ def prefetch_map(
 
 
 _END = object()
+
+
+# --- model references -> models, once per worker process ------------------------------------
+
+
+def load_generator_ref(ref: GeneratorRef, device: str):
+    """The generator a `generator:` params section names, cached per (ref, device)."""
+
+    def load():
+        from model.stylegan2 import create_generator, load_generator
+
+        if ref.path:
+            g = load_generator(ref.path, device=device)
+        else:
+            g = create_generator(ref.config, seed=ref.seed).to(device)
+        return g.eval().requires_grad_(False)
+
+    return cached(("generator", ref, device), load)
+
+
+def load_clip_ref(ref: ClipRef, device: str):
+    """The CLIP model a `clip:` params section names, cached per (ref, device)."""
+
+    def load():
+        from model.clip import load_clip
+
+        return load_clip(
+            ref.name,
+            weights=ref.weights,
+            device=device,
+            trust_checkpoint=ref.trust_checkpoint,
+            seed=ref.seed,
+        )
+
+    return cached(("clip", ref, device), load)
+
+
+def load_e4e_ref(ref: E4ERef, device: str):
+    """The e4e encoder an `e4e:` params section names, cached per (ref, device)."""
+
+    def load():
+        from model.e4e import create_e4e, load_e4e
+
+        if ref.path:
+            e = load_e4e(ref.path, device=device)
+        else:
+            e = create_e4e(ref.config, seed=ref.seed).to(device)
+        return e.eval().requires_grad_(False)
+
+    return cached(("e4e", ref, device), load)
