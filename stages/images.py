@@ -25,6 +25,7 @@ import io
 import os
 import posixpath
 import tarfile
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,6 +176,7 @@ class SourceReader:
         self.root = Path(root)
         self.max_bytes = max_bytes
         self._tars: dict[str, tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]] = {}
+        self._lock = threading.Lock()  # tar members share one file handle across threads
 
     def __enter__(self) -> SourceReader:
         return self
@@ -201,26 +203,30 @@ class SourceReader:
 
     def read(self, source: str) -> bytes:
         if TAR_SEP in source:
-            rel, member = source.split(TAR_SEP, 1)
-            tf, members = self._tar(rel)
-            info = members.get(member)
-            if info is None:
-                raise OSError(f"{source}: member not in the shard")
-            reason = unsafe_member_reason(info)
-            if reason:
-                raise ValueError(reason)
-            if info.size > self.max_bytes:
-                raise ValueError(f"{source}: {info.size} bytes, over the {self.max_bytes} limit")
-            f = tf.extractfile(info)
-            if f is None:
-                raise OSError(f"{source}: no data")
-            return f.read()
+            with self._lock:
+                return self._read_member(source)
         path = self._path(source)
         size = path.stat().st_size
         if size > self.max_bytes:
             raise ValueError(f"{source}: {size} bytes, over the {self.max_bytes} limit")
         with open(path, "rb") as f:
             return f.read(self.max_bytes + 1)
+
+    def _read_member(self, source: str) -> bytes:
+        rel, member = source.split(TAR_SEP, 1)
+        tf, members = self._tar(rel)
+        info = members.get(member)
+        if info is None:
+            raise OSError(f"{source}: member not in the shard")
+        reason = unsafe_member_reason(info)
+        if reason:
+            raise ValueError(reason)
+        if info.size > self.max_bytes:
+            raise ValueError(f"{source}: {info.size} bytes, over the {self.max_bytes} limit")
+        f = tf.extractfile(info)
+        if f is None:
+            raise OSError(f"{source}: no data")
+        return f.read()
 
 
 # --- decoding --------------------------------------------------------------------------------
@@ -231,12 +237,14 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     img = Image.open(io.BytesIO(data))
     w, h = img.size
     if w * h > max_pixels:
-        raise _TooLarge(f"{w}x{h} = {w * h} pixels, over max_pixels={max_pixels}")
+        raise _TooLarge(f"{w}x{h} = {w * h} pixels, over max_pixels={max_pixels}", (w, h))
     return img
 
 
 class _TooLarge(ValueError):
-    pass
+    def __init__(self, message: str, size: tuple[int, int]) -> None:
+        super().__init__(message)
+        self.size = size
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -280,9 +288,11 @@ def probe(data: bytes, max_pixels: int) -> Probe:
         size = img.size
         img.load()  # the whole decode: catches truncation
     except _TooLarge as exc:
-        return Probe(TOO_LARGE, sha256=sha, reason=str(exc))
+        return Probe(TOO_LARGE, exc.size, sha, str(exc))
     except Image.DecompressionBombError as exc:
-        return Probe(TOO_LARGE, sha256=sha, reason=f"decompression bomb: {exc}")
+        return Probe(
+            TOO_LARGE, sha256=sha, reason=f"refused by the decompression-bomb guard: {exc}"
+        )
     except UnidentifiedImageError:
         return Probe(UNREADABLE, sha256=sha, reason="not an image")
     except Exception as exc:  # noqa: BLE001 - plugins raise many types on hostile input

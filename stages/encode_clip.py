@@ -1,0 +1,187 @@
+"""Stage `encode-clip`: manifest OK rows -> `<dataset>/clip.zarr` embed [N, E].
+
+Per block: the manifest's sources are read and decoded (bounded, see stages.images)
+and preprocessed in a thread pool running ahead of the model, then encoded in
+batches of `execution.batch_size`. Rows not OK in the manifest are SKIPPED; a file
+that no longer decodes is UNREADABLE. Embeddings are stored unnormalized.
+attrs: fingerprint (the CLIP model's), model, preprocessing, normalized=false,
+manifest (the manifest's fingerprint).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from stages import images
+from stages.common import ClipRef, ExecutionConfig, resolve_device
+from stages.config import require
+from stages.execution import BlockReport, PassSummary, load_clip_ref, prefetch_map, run_blocks
+from store import ArraySpec, RowStore, Status, store_url
+
+
+@dataclass(frozen=True)
+class EncodeClipConfig:
+    """`encode_clip:` in params."""
+
+    dataset: str = "data/images"  # holds manifest.zarr; clip.zarr is written beside it
+    decode_threads: int = 2  # threads decoding images ahead of the model, per block task
+
+    def validate(self) -> None:
+        require(bool(self.dataset), "dataset", self.dataset, "a dataset folder or URL")
+        require(self.decode_threads >= 0, "decode_threads", self.decode_threads, "an integer >= 0")
+
+
+@dataclass
+class EncodeResult:
+    out: str
+    summary: PassSummary
+
+
+def encode_image_block(
+    manifest: RowStore,
+    rows: slice,
+    prepare: Callable[[object], torch.Tensor],
+    forward: Callable[[torch.Tensor], dict[str, np.ndarray]],
+    batch_size: int,
+    threads: int,
+) -> tuple[dict[int, dict[str, np.ndarray]], np.ndarray, list[str]]:
+    """Decode the manifest's OK rows of one block and run the model over them in batches.
+
+    prepare(PIL RGB image) -> model input [C, H, W] (runs in the decode threads);
+    forward(batch [B, C, H, W]) -> {name: [B, ...]}.
+    Returns ({row offset: {name: row}}, status [n], problem lines).
+    """
+    n = rows.stop - rows.start
+    upstream = np.asarray(manifest.array("status")[rows], dtype=np.uint8)
+    sources = manifest.read("source", rows)
+    root = manifest.attrs.get("root", "")
+    max_pixels = int(manifest.attrs.get("max_pixels") or images.MAX_FILE_BYTES)
+    status = np.full(n, Status.SKIPPED, dtype=np.uint8)
+    todo = np.flatnonzero(upstream == Status.OK).tolist()
+    lines: list[str] = []
+    results: dict[int, dict[str, np.ndarray]] = {}
+
+    with images.SourceReader(root) as reader:
+
+        def load(k: int) -> tuple[int, torch.Tensor | None, str]:
+            try:
+                img = images.decode_rgb(reader.read(str(sources[k])), max_pixels)
+                return k, prepare(img), ""
+            except Exception as exc:  # noqa: BLE001 - a bad file is a row status
+                return k, None, str(exc) or type(exc).__name__
+
+        batch: list[tuple[int, torch.Tensor]] = []
+
+        def flush() -> None:
+            if not batch:
+                return
+            out = forward(torch.stack([t for _, t in batch]))
+            for j, (k, _) in enumerate(batch):
+                results[k] = {name: v[j] for name, v in out.items()}
+                status[k] = Status.OK
+            batch.clear()
+
+        for k, x, why in prefetch_map(load, todo, threads, ahead=2 * batch_size):
+            if x is None:
+                status[k] = Status.UNREADABLE
+                lines.append(f"UNREADABLE: {sources[k]} ({why})")
+                continue
+            batch.append((k, x))
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+    return results, status, lines
+
+
+def assemble(
+    results: dict[int, dict[str, np.ndarray]], n: int, shapes: dict[str, tuple[int, ...]]
+) -> dict[str, np.ndarray]:
+    """Row results -> full block arrays (zeros for rows without a result)."""
+    out = {name: np.zeros((n, *tail), dtype=np.float32) for name, tail in shapes.items()}
+    for k, row in results.items():
+        for name, v in row.items():
+            out[name][k] = v
+    return out
+
+
+def counts_of(status: np.ndarray) -> dict[str, int]:
+    names, counts = np.unique(status, return_counts=True)
+    return {Status(int(v)).name: int(c) for v, c in zip(names, counts, strict=True)}
+
+
+@dataclass(frozen=True)
+class _ClipTask:
+    manifest_url: str
+    out_url: str
+    clip: ClipRef
+    device: str
+    batch_size: int
+    decode_threads: int
+
+    def __call__(self, block: int) -> BlockReport:
+        start = time.perf_counter()
+        manifest = RowStore.open(self.manifest_url)
+        out = RowStore.open(self.out_url)
+        clip = load_clip_ref(self.clip, self.device)
+        prep = self.clip.preprocessing
+        rows = out.block_rows(block)
+
+        def prepare(img) -> torch.Tensor:
+            return clip.preprocess_pil([img], prep)[0]
+
+        def forward(x: torch.Tensor) -> dict[str, np.ndarray]:
+            with torch.no_grad():
+                return {"embed": clip.model.encode_image(x).float().cpu().numpy()}
+
+        results, status, lines = encode_image_block(
+            manifest, rows, prepare, forward, self.batch_size, self.decode_threads
+        )
+        data = assemble(results, len(status), {"embed": (clip.embed_dim,)})
+        out.write_block(block, data, status)
+        return BlockReport(
+            block, len(status), counts_of(status), tuple(lines), time.perf_counter() - start
+        )
+
+
+def run_encode_clip(
+    cfg: EncodeClipConfig,
+    clip_ref: ClipRef,
+    execution: ExecutionConfig,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> EncodeResult:
+    """Encode every OK manifest row of `cfg.dataset` into `<dataset>/clip.zarr`; resumable."""
+    device = resolve_device(execution.device)
+    manifest_url = store_url(cfg.dataset, "manifest")
+    manifest = RowStore.open(manifest_url, require_complete=True)
+    clip = load_clip_ref(clip_ref, device)
+    attrs = {
+        "stage": "encode-clip",
+        "fingerprint": clip.fingerprint,
+        "model": clip.name,
+        "weights": clip_ref.weights or "",
+        "preprocessing": clip_ref.preprocessing,
+        "normalized": False,
+        "manifest": manifest.fingerprint,
+    }
+    out_url = store_url(cfg.dataset, "clip")
+    out = RowStore.create(
+        out_url,
+        manifest.n_rows,
+        manifest.rows_per_shard,
+        {"embed": ArraySpec((clip.embed_dim,), "float32")},
+        attrs,
+        mode="overwrite" if overwrite else "resume",
+    )
+    task = _ClipTask(
+        manifest_url, out_url, clip_ref, device, execution.batch_size, cfg.decode_threads
+    )
+    summary = run_blocks(
+        task, out.pending_blocks(), execution, "encode-clip", out.n_blocks, progress
+    )
+    return EncodeResult(out_url, summary)
