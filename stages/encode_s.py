@@ -1,0 +1,149 @@
+"""Stage `encode-s`: manifest OK rows -> e4e -> W+ -> S -> `<dataset>/s.zarr`.
+
+Each image is resized to the e4e input size (bilinear, as the official
+transforms), mapped to [-1, 1], inverted by e4e to W+ [L, W], and turned into the
+generator's StyleSpace code s = G.w_to_s(W+) [D]. Stores s [N, D] and, when
+`encode_s.keep_wplus`, wplus [N, L, W]. attrs: fingerprint = sha256(generator
+fingerprint + e4e fingerprint), generator, e4e, layout (SLayout.to_dict()).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from stages.common import E4ERef, ExecutionConfig, GeneratorRef, resolve_device
+from stages.config import require
+from stages.encode_clip import EncodeResult, assemble, counts_of, encode_image_block
+from stages.execution import BlockReport, load_e4e_ref, load_generator_ref, run_blocks
+from store import ArraySpec, RowStore, store_url
+
+
+@dataclass(frozen=True)
+class EncodeSConfig:
+    """`encode_s:` in params."""
+
+    dataset: str = "data/images"  # holds manifest.zarr; s.zarr is written beside it
+    keep_wplus: bool = False  # also store the e4e W+ [N, L, W]
+    decode_threads: int = 2
+
+    def validate(self) -> None:
+        require(bool(self.dataset), "dataset", self.dataset, "a dataset folder or URL")
+        require(self.decode_threads >= 0, "decode_threads", self.decode_threads, "an integer >= 0")
+
+
+class EncodeSError(ValueError):
+    """The e4e encoder and the generator do not fit together; one line."""
+
+
+def s_fingerprint(generator_fp: str, e4e_fp: str) -> str:
+    return hashlib.sha256(f"{generator_fp}+{e4e_fp}".encode()).hexdigest()
+
+
+def to_input(img: Image.Image, size: int) -> torch.Tensor:
+    """RGB PIL image -> [3, size, size] float in [-1, 1] (bilinear resize, no crop)."""
+    im = img.convert("RGB").resize((size, size), Image.BILINEAR)
+    t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3)
+    return t.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+@dataclass(frozen=True)
+class _STask:
+    manifest_url: str
+    out_url: str
+    generator: GeneratorRef
+    e4e: E4ERef
+    device: str
+    batch_size: int
+    decode_threads: int
+    keep_wplus: bool
+
+    def __call__(self, block: int) -> BlockReport:
+        start = time.perf_counter()
+        manifest = RowStore.open(self.manifest_url)
+        out = RowStore.open(self.out_url)
+        G = load_generator_ref(self.generator, self.device)
+        enc = load_e4e_ref(self.e4e, self.device)
+        rows = out.block_rows(block)
+
+        def prepare(img: Image.Image) -> torch.Tensor:
+            return to_input(img, enc.input_size)
+
+        def forward(x: torch.Tensor) -> dict[str, np.ndarray]:
+            with torch.no_grad():
+                wplus = enc(x.to(self.device))  # [B, L, W]
+                s = G.w_to_s(wplus)  # [B, D]
+            out = {"s": s.float().cpu().numpy()}
+            if self.keep_wplus:
+                out["wplus"] = wplus.float().cpu().numpy()
+            return out
+
+        results, status, lines = encode_image_block(
+            manifest, rows, prepare, forward, self.batch_size, self.decode_threads
+        )
+        shapes: dict[str, tuple[int, ...]] = {"s": (G.layout.dim,)}
+        if self.keep_wplus:
+            shapes["wplus"] = (G.n_latent, G.w_dim)
+        out.write_block(block, assemble(results, len(status), shapes), status)
+        return BlockReport(
+            block, len(status), counts_of(status), tuple(lines), time.perf_counter() - start
+        )
+
+
+def run_encode_s(
+    cfg: EncodeSConfig,
+    generator: GeneratorRef,
+    e4e: E4ERef,
+    execution: ExecutionConfig,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> EncodeResult:
+    """Invert every OK manifest row of `cfg.dataset` into `<dataset>/s.zarr`; resumable."""
+    device = resolve_device(execution.device)
+    manifest_url = store_url(cfg.dataset, "manifest")
+    manifest = RowStore.open(manifest_url, require_complete=True)
+    G = load_generator_ref(generator, device)
+    enc = load_e4e_ref(e4e, device)
+    if (enc.n_latent, enc.w_dim) != (G.n_latent, G.w_dim):
+        raise EncodeSError(
+            f"e4e gives W+ [{enc.n_latent}, {enc.w_dim}] but the generator takes "
+            f"[{G.n_latent}, {G.w_dim}]; use the e4e trained for this generator "
+            f"(params e4e.path / e4e.config)"
+        )
+    arrays = {"s": ArraySpec((G.layout.dim,), "float32")}
+    if cfg.keep_wplus:
+        arrays["wplus"] = ArraySpec((G.n_latent, G.w_dim), "float32")
+    attrs = {
+        "stage": "encode-s",
+        "fingerprint": s_fingerprint(G.fingerprint, enc.fingerprint),
+        "generator": G.fingerprint,
+        "e4e": enc.fingerprint,
+        "layout": G.layout.to_dict(),
+        "manifest": manifest.fingerprint,
+    }
+    out_url = store_url(cfg.dataset, "s")
+    out = RowStore.create(
+        out_url,
+        manifest.n_rows,
+        manifest.rows_per_shard,
+        arrays,
+        attrs,
+        mode="overwrite" if overwrite else "resume",
+    )
+    task = _STask(
+        manifest_url,
+        out_url,
+        generator,
+        e4e,
+        device,
+        execution.batch_size,
+        cfg.decode_threads,
+        cfg.keep_wplus,
+    )
+    summary = run_blocks(task, out.pending_blocks(), execution, "encode-s", out.n_blocks, progress)
+    return EncodeResult(out_url, summary)
