@@ -2,3 +2,34 @@
 
 Knows nothing of torch models (numpy, zarr, dask only).
 """
+
+from store.errors import (
+    FingerprintMismatch,
+    IncompletePass,
+    MissingArray,
+    NotAStore,
+    SchemaTooNew,
+    StoreError,
+)
+from store.rowstore import SCHEMA_VERSION, ArraySpec, RowStore, ok_rows, store_url
+from store.sampler import PairSampler, SamplerSource
+from store.status import Status, status_counts, summary_line
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ArraySpec",
+    "FingerprintMismatch",
+    "IncompletePass",
+    "MissingArray",
+    "NotAStore",
+    "PairSampler",
+    "RowStore",
+    "SamplerSource",
+    "SchemaTooNew",
+    "Status",
+    "StoreError",
+    "ok_rows",
+    "status_counts",
+    "store_url",
+    "summary_line",
+]
