@@ -34,7 +34,7 @@ from stages import images
 from stages.common import ExecutionConfig, GeneratorRef
 from stages.config import require
 from stages.execution import BlockReport, PassSummary, run_blocks
-from store import ArraySpec, RowStore, Status, StoreError, store_url
+from store import ArraySpec, RowStore, Status, store_url
 
 SCAN_NAME = ".ingest-scan"
 
@@ -287,4 +287,262 @@ def file_fingerprint(paths: list[str]) -> str:
     return h.hexdigest()
 
 
-_ = (GeneratorRef, StoreError)  # used by import-official below
+# --- import-official ---------------------------------------------------------------------------
+
+# The published files are latents of the 1024 px config-f FFHQ generator: S either conv-only
+# (6048 wide) or the full layout (9088), C = OpenAI ViT-B/32 image embeddings, W+ [N, 18, 512].
+
+
+@dataclass(frozen=True)
+class ImportOfficialConfig:
+    """`import_official:` in params."""
+
+    sspace: str = ""  # sspace_*_feat.npy [N, 6048] (conv-only S) or [N, D] (full S)
+    cspace: str = ""  # cspace_*_feat.npy [N, 512] CLIP image embeddings
+    wspace: str | None = None  # wspace_*_feat.npy [N, L, 512]: fills the toRGB styles
+    out: str = "data/official"
+    rows_per_shard: int = 1024
+    full_s: bool = True  # map a conv-only S into the full layout (needs wspace + generator)
+    keep_wplus: bool = False  # also store the W+ of wspace in s.zarr
+    clip_model: str = "ViT-B-32-quickgelu"  # recorded in clip.zarr attrs (OpenAI ViT-B/32)
+    clip_preprocessing: str = "deltaedit"  # recorded in clip.zarr attrs
+
+    def validate(self) -> None:
+        require(bool(self.sspace), "sspace", self.sspace, "the path of sspace_*_feat.npy")
+        require(bool(self.cspace), "cspace", self.cspace, "the path of cspace_*_feat.npy")
+        require(bool(self.out), "out", self.out, "a dataset folder or URL")
+        require(self.rows_per_shard >= 1, "rows_per_shard", self.rows_per_shard, "an integer >= 1")
+        require(
+            self.clip_preprocessing in ("clip", "deltaedit"),
+            "clip_preprocessing",
+            self.clip_preprocessing,
+            "clip or deltaedit",
+        )
+
+
+def _load_npy(path: str, what: str, ndim: int) -> np.ndarray:
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise IngestError(f"import_official.{what} {path}: no such file") from None
+    except (ValueError, OSError) as exc:
+        raise IngestError(
+            f"import_official.{what} {path}: not a plain .npy array ({exc})"
+        ) from None
+    if arr.ndim != ndim or arr.dtype.kind != "f":
+        raise IngestError(
+            f"import_official.{what} {path}: expected a float array with {ndim} axes, "
+            f"got {arr.dtype} {list(arr.shape)}"
+        )
+    return arr
+
+
+def generator_layout(ref: GeneratorRef):
+    """The S layout of a `generator:` section, without building weights when it is a config."""
+    from model.layout import SLayout
+
+    if ref.path is None:
+        from model.stylegan2 import CONFIGS
+
+        if ref.config not in CONFIGS:
+            raise IngestError(
+                f"generator.config {ref.config!r}: unknown (known: {', '.join(sorted(CONFIGS))})"
+            )
+        cfg = CONFIGS[ref.config]
+        return SLayout.from_channels(cfg.resolution, cfg.channels)
+    from stages.execution import load_generator_ref
+
+    return load_generator_ref(ref, "cpu").layout
+
+
+@dataclass(frozen=True)
+class _ImportTask:
+    urls: tuple[str, str, str]  # manifest, clip, s
+    sspace: str
+    cspace: str
+    wspace: str | None
+    tag: str
+    generator: GeneratorRef | None  # set: conv-only S is mapped into the full layout
+    keep_wplus: bool
+    device: str
+
+    def __call__(self, block: int) -> BlockReport:
+        import torch
+
+        from stages.execution import load_generator_ref
+
+        start = time.perf_counter()
+        manifest, clip_store, s_store = (RowStore.open(u) for u in self.urls)
+        rows = manifest.block_rows(block)
+        n = rows.stop - rows.start
+        s_in = np.asarray(np.load(self.sspace, mmap_mode="r")[rows], dtype=np.float32)
+        c = np.asarray(np.load(self.cspace, mmap_mode="r")[rows], dtype=np.float32)
+        data: dict[str, np.ndarray] = {}
+        wplus = None
+        if self.wspace:
+            wplus = np.asarray(np.load(self.wspace, mmap_mode="r")[rows], dtype=np.float32)
+        if self.generator is not None:
+            G = load_generator_ref(self.generator, self.device)
+            layout = G.layout
+            s = np.zeros((n, layout.dim), dtype=np.float32)
+            with torch.no_grad():
+                s_w = G.w_to_s(torch.from_numpy(wplus).to(self.device)).float().cpu().numpy()
+            s[:] = s_w  # toRGB styles from W+
+            s[:, layout.conv_index()] = s_in  # conv styles exactly as published
+        else:
+            s = s_in
+        data["s"] = s
+        if self.keep_wplus:
+            data["wplus"] = wplus
+        status = np.full(n, Status.OK, dtype=np.uint8)
+        s_store.write_block(block, data, status)
+        clip_store.write_block(block, {"embed": c}, status)
+        ids = range(rows.start, rows.stop)
+        manifest.write_block(
+            block,
+            {
+                "ids": np.array([f"official-{r:06d}" for r in ids]),
+                "source": np.array([f"official:{self.tag}#{r}" for r in ids]),
+                "sha256": np.array([""] * n),
+                "size": np.zeros((n, 2), np.int32),
+                "reason": np.array([""] * n),
+            },
+            status,
+        )
+        return BlockReport(block, n, {"OK": n}, (), time.perf_counter() - start)
+
+
+@dataclass
+class ImportResult:
+    out: str
+    summary: PassSummary
+    conv_only: bool
+    lines: list[str] = field(default_factory=list)
+
+
+def run_import_official(
+    cfg: ImportOfficialConfig,
+    generator: GeneratorRef,
+    execution: ExecutionConfig,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ImportResult:
+    """DeltaEdit's published latents -> `<out>/{manifest,clip,s}.zarr`; resumable."""
+    from stages.common import resolve_device
+
+    s_arr = _load_npy(cfg.sspace, "sspace", 2)
+    c_arr = _load_npy(cfg.cspace, "cspace", 2)
+    w_arr = _load_npy(cfg.wspace, "wspace", 3) if cfg.wspace else None
+    n = s_arr.shape[0]
+    for what, arr in (("cspace", c_arr), ("wspace", w_arr)):
+        if arr is not None and arr.shape[0] != n:
+            raise IngestError(
+                f"import_official.{what}: {arr.shape[0]} rows, but sspace has {n}; "
+                f"the files must come from one dataset"
+            )
+    layout = generator_layout(generator)
+    width = s_arr.shape[1]
+    lines: list[str] = []
+    map_full = False
+    if width == layout.dim:
+        conv_only = False
+    elif width == layout.conv_dim:
+        conv_only = not cfg.full_s
+        map_full = cfg.full_s
+    else:
+        raise IngestError(
+            f"import_official.sspace: S is {width} wide, but the generator "
+            f"({generator.path or generator.config}) has {layout.dim} style channels "
+            f"({layout.conv_dim} conv-only); set generator.path/config to the generator the "
+            f"latents came from (ffhq-1024 for the published FFHQ files)"
+        )
+    device = resolve_device(execution.device)
+    gen_fp = ""
+    if map_full or cfg.keep_wplus:
+        if w_arr is None:
+            raise IngestError(
+                "import_official.wspace is not set: a conv-only S gets its toRGB styles from "
+                "w_to_s of the W+ codes (wspace_*_feat.npy); set wspace, or full_s=false to "
+                "store the conv-only S with its layout recorded"
+            )
+    if map_full:
+        from stages.execution import load_generator_ref
+
+        G = load_generator_ref(generator, device)
+        if tuple(w_arr.shape[1:]) != (G.n_latent, G.w_dim):
+            raise IngestError(
+                f"import_official.wspace: W+ rows are {list(w_arr.shape[1:])}, the generator "
+                f"takes [{G.n_latent}, {G.w_dim}]"
+            )
+        gen_fp = G.fingerprint
+        lines.append(_conv_check(G, s_arr, w_arr, device))
+    files = [p for p in (cfg.sspace, cfg.cspace, cfg.wspace) if p]
+    files_fp = file_fingerprint(files)
+    tag = Path(cfg.sspace).name
+    mode = "overwrite" if overwrite else "resume"
+    rps = cfg.rows_per_shard
+    common = {"stage": "import-official", "files": [Path(p).name for p in files]}
+    s_tail = (layout.conv_dim if conv_only else layout.dim,)
+    s_arrays = {"s": ArraySpec(s_tail, "float32")}
+    if cfg.keep_wplus:
+        s_arrays["wplus"] = ArraySpec(tuple(w_arr.shape[1:]), "float32")
+    s_attrs = {
+        **common,
+        "fingerprint": hashlib.sha256(f"{files_fp}+{gen_fp}".encode()).hexdigest(),
+        "generator": gen_fp,
+        "layout": layout.to_dict(),
+        "conv_only": conv_only,
+    }
+    head = np.asarray(c_arr[: min(n, 256)], dtype=np.float64)
+    normalized = bool(np.all(np.abs(np.linalg.norm(head, axis=1) - 1) < 1e-3))
+    c_attrs = {
+        **common,
+        "fingerprint": files_fp,
+        "model": cfg.clip_model,
+        "preprocessing": cfg.clip_preprocessing,
+        "normalized": normalized,
+    }
+    m_attrs = {**common, "fingerprint": files_fp, "root": "", "max_pixels": 0}
+    urls = tuple(store_url(cfg.out, name) for name in ("manifest", "clip", "s"))
+    manifest = RowStore.create(urls[0], n, rps, MANIFEST_ARRAYS, m_attrs, mode=mode)
+    clip_store = RowStore.create(
+        urls[1], n, rps, {"embed": ArraySpec((c_arr.shape[1],), "float32")}, c_attrs, mode
+    )
+    s_store = RowStore.create(urls[2], n, rps, s_arrays, s_attrs, mode)
+    pending = sorted(
+        set(manifest.pending_blocks())
+        | set(clip_store.pending_blocks())
+        | set(s_store.pending_blocks())
+    )
+    task = _ImportTask(
+        urls,  # type: ignore[arg-type]
+        str(cfg.sspace),
+        str(cfg.cspace),
+        str(cfg.wspace) if cfg.wspace else None,
+        tag,
+        generator if map_full else None,
+        cfg.keep_wplus,
+        device,
+    )
+    summary = run_blocks(task, pending, execution, "import-official", manifest.n_blocks, progress)
+    return ImportResult(cfg.out, summary, conv_only, [x for x in lines if x])
+
+
+def _conv_check(G, s_arr: np.ndarray, w_arr: np.ndarray, device: str) -> str:
+    """A warning line when w_to_s(W+) does not reproduce the published conv styles (the
+    generator is not the one the latents came from), else ''."""
+    import torch
+
+    k = min(len(s_arr), 16)
+    with torch.no_grad():
+        wplus = torch.from_numpy(np.array(w_arr[:k], dtype=np.float32)).to(device)
+        s_w = G.w_to_s(wplus).float().cpu().numpy()[:, G.layout.conv_index()]
+    ref = np.asarray(s_arr[:k], dtype=np.float32)
+    err = float(np.abs(s_w - ref).max() / max(float(np.abs(ref).max()), 1e-8))
+    if err > 1e-3:
+        return (
+            f"warning: w_to_s(wspace) differs from sspace by {err:.3g} (relative) on the first "
+            f"{k} rows: the generator is probably not the one these latents came from, so the "
+            f"toRGB styles filled in from it are wrong"
+        )
+    return ""
