@@ -1,7 +1,173 @@
-"""CLI commands: encode."""
+"""CLI commands: encode (ingest, import-official, encode-clip, encode-s, sample).
+
+Each command reads its params section (+ `execution` and the model references it
+needs), validates them before any work, runs the stage (resumable: a rerun redoes
+only pending blocks; --overwrite starts over) and prints a summary line.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import click
 
+from model.checkpoint import CheckpointError
+from pipeline.common import config, load, params_options
+from stages.common import ClipRef, E4ERef, ExecutionConfig, GeneratorRef
+from stages.encode_clip import EncodeClipConfig, run_encode_clip
+from stages.encode_s import EncodeSConfig, EncodeSError, run_encode_s
+from stages.ingest import (
+    ImportOfficialConfig,
+    IngestConfig,
+    IngestError,
+    run_import_official,
+    run_ingest,
+)
+from stages.sample import SampleConfig, run_sample
+from store import StoreError
+
 COMMANDS: list[click.Command] = []
+
+_overwrite = click.option(
+    "--overwrite", is_flag=True, help="Discard existing outputs and start over (default: resume)."
+)
+_quiet = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+
+
+def _run(func: Callable[[], Any]) -> Any:
+    """Run a stage; bad input and store problems become one-line CLI errors."""
+    try:
+        return func()
+    except (StoreError, IngestError, EncodeSError, CheckpointError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _echo_summary(summary, details: list[str] | None = None) -> None:
+    click.echo(summary.line())
+    for line in details if details is not None else summary.details():
+        click.echo(f"  {line}")
+
+
+@click.command("ingest")
+@click.argument("source", required=False)
+@click.option("--out", help="Dataset folder for manifest.zarr [params ingest.out].")
+@_overwrite
+@_quiet
+@params_options
+def ingest_cmd(
+    source: str | None, out: str | None, overwrite: bool, quiet: bool, params_path: str, sets
+) -> None:
+    """Index a folder of images (or webdataset .tar shards) into <out>/manifest.zarr.
+
+    Every file is hashed and decode-checked; bad files become rows with a status
+    (unreadable, too large, duplicate ...) listed in the summary, never a crash.
+    """
+    params = load(params_path, sets, {"ingest.source": source, "ingest.out": out})
+    cfg = config(params, "ingest", IngestConfig)
+    execution = config(params, "execution", ExecutionConfig)
+    result = _run(lambda: run_ingest(cfg, execution, overwrite, progress=not quiet))
+    _echo_summary(result.summary, result.lines)
+    click.echo(f"wrote {result.manifest}")
+
+
+@click.command("import-official")
+@click.option("--sspace", help="sspace_*_feat.npy [params import_official.sspace].")
+@click.option("--cspace", help="cspace_*_feat.npy [params import_official.cspace].")
+@click.option("--wspace", help="wspace_*_feat.npy [params import_official.wspace].")
+@click.option("--out", help="Dataset folder [params import_official.out].")
+@_overwrite
+@_quiet
+@params_options
+def import_official_cmd(
+    sspace: str | None,
+    cspace: str | None,
+    wspace: str | None,
+    out: str | None,
+    overwrite: bool,
+    quiet: bool,
+    params_path: str,
+    sets,
+) -> None:
+    """Import DeltaEdit's published latents (S, CLIP, W+ .npy files) as a dataset."""
+    flags = {
+        "import_official.sspace": sspace,
+        "import_official.cspace": cspace,
+        "import_official.wspace": wspace,
+        "import_official.out": out,
+    }
+    params = load(params_path, sets, flags)
+    cfg = config(params, "import_official", ImportOfficialConfig)
+    generator = config(params, "generator", GeneratorRef)
+    execution = config(params, "execution", ExecutionConfig)
+    result = _run(
+        lambda: run_import_official(cfg, generator, execution, overwrite, progress=not quiet)
+    )
+    _echo_summary(result.summary, result.lines)
+    kind = "conv-only S (layout recorded)" if result.conv_only else "full S"
+    click.echo(f"wrote {result.out}/{{manifest,clip,s}}.zarr ({kind})")
+
+
+@click.command("encode-clip")
+@click.option("--dataset", help="Dataset folder holding manifest.zarr [encode_clip.dataset].")
+@_overwrite
+@_quiet
+@params_options
+def encode_clip_cmd(
+    dataset: str | None, overwrite: bool, quiet: bool, params_path: str, sets
+) -> None:
+    """CLIP image embeddings of every OK manifest row -> <dataset>/clip.zarr."""
+    params = load(params_path, sets, {"encode_clip.dataset": dataset})
+    cfg = config(params, "encode_clip", EncodeClipConfig)
+    clip_ref = config(params, "clip", ClipRef)
+    execution = config(params, "execution", ExecutionConfig)
+    result = _run(lambda: run_encode_clip(cfg, clip_ref, execution, overwrite, not quiet))
+    _echo_summary(result.summary)
+    click.echo(f"wrote {result.out}")
+
+
+@click.command("encode-s")
+@click.option("--dataset", help="Dataset folder holding manifest.zarr [encode_s.dataset].")
+@_overwrite
+@_quiet
+@params_options
+def encode_s_cmd(dataset: str | None, overwrite: bool, quiet: bool, params_path: str, sets) -> None:
+    """e4e inversion of every OK manifest row -> W+ -> S -> <dataset>/s.zarr."""
+    params = load(params_path, sets, {"encode_s.dataset": dataset})
+    cfg = config(params, "encode_s", EncodeSConfig)
+    generator = config(params, "generator", GeneratorRef)
+    e4e = config(params, "e4e", E4ERef)
+    execution = config(params, "execution", ExecutionConfig)
+    result = _run(lambda: run_encode_s(cfg, generator, e4e, execution, overwrite, not quiet))
+    _echo_summary(result.summary)
+    click.echo(f"wrote {result.out}")
+
+
+@click.command("sample")
+@click.option("--n", "n", type=int, help="Rows to sample [params sample.n].")
+@click.option("--seed", type=int, help="Seed [params sample.seed].")
+@click.option("--out", help="Dataset folder [params sample.out].")
+@_overwrite
+@_quiet
+@params_options
+def sample_cmd(
+    n: int | None,
+    seed: int | None,
+    out: str | None,
+    overwrite: bool,
+    quiet: bool,
+    params_path: str,
+    sets,
+) -> None:
+    """Synthetic rows: z -> W+ -> S -> render -> CLIP, into <out>/{manifest,clip,s}.zarr."""
+    params = load(params_path, sets, {"sample.n": n, "sample.seed": seed, "sample.out": out})
+    cfg = config(params, "sample", SampleConfig)
+    generator = config(params, "generator", GeneratorRef)
+    clip_ref = config(params, "clip", ClipRef)
+    execution = config(params, "execution", ExecutionConfig)
+    result = _run(lambda: run_sample(cfg, generator, clip_ref, execution, overwrite, not quiet))
+    _echo_summary(result.summary)
+    click.echo(f"wrote {result.out}/{{manifest,clip,s}}.zarr")
+
+
+COMMANDS.extend([ingest_cmd, import_official_cmd, encode_clip_cmd, encode_s_cmd, sample_cmd])
