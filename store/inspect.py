@@ -1,0 +1,198 @@
+"""What `deltaedit store info` and `deltaedit store verify` report, as data (no click here)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import fsspec
+import numpy as np
+
+from store.errors import NotAStore, StoreError
+from store.rowstore import DONE, STATUS, RowStore, _is_str_dtype
+from store.status import Status, status_counts
+
+
+def find_stores(path: str) -> list[str]:
+    """[path] if path is one Zarr group, else the `*.zarr` groups directly inside it (sorted)."""
+    path = str(path).rstrip("/")
+    fs, p = fsspec.core.url_to_fs(path)
+    if fs.exists(f"{p}/zarr.json"):
+        return [path]
+    if not fs.exists(p):
+        raise NotAStore(f"{path}: does not exist; check the path (a .zarr store or its folder)")
+    if not fs.isdir(p):
+        raise NotAStore(f"{path}: not a store or a folder of stores; point to a .zarr group")
+    names = sorted(
+        entry.rstrip("/").rsplit("/", 1)[-1]
+        for entry in fs.ls(p, detail=False)
+        if entry.rstrip("/").endswith(".zarr")
+    )
+    if not names:
+        raise NotAStore(
+            f"{path}: holds no .zarr stores; point to a store (x.zarr) or a dataset folder "
+            f"(manifest.zarr, clip.zarr, s.zarr)"
+        )
+    return [f"{path}/{name}" for name in names]
+
+
+def describe(rs: RowStore) -> dict[str, Any]:
+    """Arrays, shapes, dtypes, codecs, row status counts, blocks and provenance of one store."""
+    arrays = {}
+    for name in [*rs.array_names, STATUS]:
+        a = rs.array(name)
+        arrays[name] = {
+            "shape": list(a.shape),
+            "dtype": str(rs.specs[name].dtype) if name in rs.specs else str(a.dtype),
+            "shards": list(a.shards) if a.shards else None,
+            "chunks": list(a.chunks),
+            "compressors": [type(c).__name__ for c in a.compressors],
+        }
+    done = rs.done_mask()
+    return {
+        "url": rs.url,
+        "schema_version": rs.schema_version,
+        "n_rows": rs.n_rows,
+        "rows_per_shard": rs.rows_per_shard,
+        "blocks": {"total": rs.n_blocks, "done": int(done.sum()), "pending": int((~done).sum())},
+        "status": status_counts(rs.status()),
+        "arrays": arrays,
+        "provenance": rs.attrs,
+    }
+
+
+def _short(value: Any, limit: int = 90) -> str:
+    text = repr(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def format_info(info: dict[str, Any]) -> list[str]:
+    """Human lines for one store's `describe()`."""
+    blocks = info["blocks"]
+    status = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in info["status"].items())
+    lines = [
+        f"{info['url']}  (deltaedit store, schema {info['schema_version']})",
+        f"  rows: {info['n_rows']} in {blocks['total']} blocks of {info['rows_per_shard']} "
+        f"({blocks['done']} done, {blocks['pending']} pending)",
+        f"  status: {status or 'no rows'}",
+        "  arrays:",
+    ]
+    width = max(len(n) for n in info["arrays"])
+    for name, a in info["arrays"].items():
+        codec = "+".join(a["compressors"]) or "uncompressed"
+        lines.append(
+            f"    {name:<{width}}  {a['shape']} {a['dtype']}  shards {a['shards']} "
+            f"chunks {a['chunks']} {codec}"
+        )
+    lines.append("  provenance:" + ("" if info["provenance"] else " (none)"))
+    for key, value in info["provenance"].items():
+        lines.append(f"    {key}: {_short(value)}")
+    return lines
+
+
+def verify_store(rs: RowStore, progress: Callable[[int], None] | None = None) -> list[str]:
+    """Reasons the store is not sound (empty list = sound).
+
+    Checks: every array has N rows, its declared tail and dtype, and shards of one block;
+    provenance (fingerprint) on every array; no pending blocks; done blocks hold no PENDING
+    rows; no NaN/Inf in ok rows of float arrays.
+    """
+    reasons: list[str] = []
+    fp = rs.attrs.get("fingerprint")
+    for name in [*rs.array_names, STATUS]:
+        a = rs.array(name)
+        spec = rs.specs.get(name)
+        tail = tuple(spec.tail) if spec else ()
+        if tuple(a.shape) != (rs.n_rows, *tail):
+            reasons.append(
+                f"array {name!r} has shape {tuple(a.shape)}, expected {(rs.n_rows, *tail)}"
+            )
+        if spec and not _is_str_dtype(spec.dtype) and np.dtype(a.dtype) != np.dtype(spec.dtype):
+            reasons.append(f"array {name!r} has dtype {a.dtype}, expected {spec.dtype}")
+        if not a.shards or a.shards[0] != rs.rows_per_shard:
+            reasons.append(
+                f"array {name!r} shards {a.shards} do not match blocks of {rs.rows_per_shard} rows"
+            )
+        if a.attrs.get("fingerprint") != fp:
+            reasons.append(
+                f"array {name!r} fingerprint {a.attrs.get('fingerprint')!r} differs from the "
+                f"store's {fp!r}"
+            )
+    if DONE in rs.specs:
+        reasons.append(f"array name {DONE!r} is reserved")
+    done = rs.done_mask()
+    pending = np.flatnonzero(~done).tolist()
+    if pending:
+        shown = ", ".join(map(str, pending[:8])) + (", ..." if len(pending) > 8 else "")
+        reasons.append(
+            f"pass incomplete: {len(pending)} of {rs.n_blocks} blocks pending ({shown}); "
+            f"rerun the stage that writes it"
+        )
+    raw_status = np.asarray(rs.array(STATUS)[...], dtype=np.uint8)
+    if raw_status.size and raw_status.max() > max(Status):
+        reasons.append(
+            f"status holds unknown codes {sorted(set(raw_status.tolist()) - set(Status))}"
+        )
+    float_arrays = [
+        n
+        for n, s in rs.specs.items()
+        if not _is_str_dtype(s.dtype) and np.dtype(s.dtype).kind in "fc"
+    ]
+    bad_pending: list[int] = []
+    bad_values: dict[str, int] = {}
+    for b in np.flatnonzero(done).tolist():
+        sl = rs.block_rows(b)
+        st = raw_status[sl]
+        if (st == Status.PENDING).any():
+            bad_pending.append(b)
+        ok = st == Status.OK
+        if ok.any():
+            for name in float_arrays:
+                block = rs.read(name, sl)[ok]
+                n_bad = int((~np.isfinite(block)).reshape(block.shape[0], -1).any(axis=1).sum())
+                if n_bad:
+                    bad_values[name] = bad_values.get(name, 0) + n_bad
+        if progress is not None:
+            progress(1)
+    if bad_pending:
+        reasons.append(
+            f"done marks inconsistent with status: blocks {bad_pending[:8]} are marked done but "
+            f"hold PENDING rows"
+        )
+    for name, n_bad in bad_values.items():
+        reasons.append(f"array {name!r}: {n_bad} ok rows hold NaN or Inf")
+    return reasons
+
+
+def verify_dataset(stores: list[RowStore]) -> list[str]:
+    """Cross-store reasons for the groups of one folder: row counts agree; rows ok downstream
+    are ok in manifest.zarr (when the folder has one)."""
+    reasons: list[str] = []
+    if len(stores) < 2:
+        return reasons
+    counts = {rs.url.rstrip("/").rsplit("/", 1)[-1]: rs.n_rows for rs in stores}
+    if len(set(counts.values())) > 1:
+        text = ", ".join(f"{k} {v}" for k, v in counts.items())
+        reasons.append(f"row counts differ across the dataset's stores: {text}")
+        return reasons
+    manifest = [rs for rs in stores if rs.url.rstrip("/").endswith("/manifest.zarr")]
+    if manifest:
+        m_ok = manifest[0].status() == Status.OK
+        for rs in stores:
+            if rs is manifest[0]:
+                continue
+            extra = int(((rs.status() == Status.OK) & ~m_ok).sum())
+            if extra:
+                reasons.append(
+                    f"{rs.url}: {extra} rows ok here are not ok in manifest.zarr; rerun the stage "
+                    f"that writes it with overwrite"
+                )
+    return reasons
+
+
+def open_for_check(url: str) -> tuple[RowStore | None, str | None]:
+    """(store, None) or (None, one-line reason) for stores that cannot be opened."""
+    try:
+        return RowStore.open(url), None
+    except StoreError as exc:
+        return None, str(exc)
