@@ -1,0 +1,515 @@
+"""Render stage: edits (or the originals) to image files, contact sheets and an HTML gallery.
+
+Output under `render.out_dir`:
+
+    originals/<row>.png          the source rows rendered from s (when render.originals)
+    <edit>/<row>.png             one file per ok row (or <edit>/shard-<block>.tar when shards)
+    gallery/<edit>/<row>.png     the gallery sample, when the edit is written as tar shards
+    extra/<edit>/<row>.png       the optional extra column (e.g. a ground-truth counterpart)
+    sheets/<edit>.png            before/after contact sheet with prompt and alpha written on it
+    index.html                   static gallery, relative links: opens from disk
+
+Files are named by row index (`00000042.png`); the gallery shows the manifest id.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import tarfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from stages.common import ExecutionConfig, GeneratorRef, resolve_device
+from stages.config import require
+
+ORIGINALS = "originals"
+ExtraFn = Callable[[str, int], "Image.Image | np.ndarray | None"]
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    """`render:` in params."""
+
+    edits: tuple[str, ...] = ()  # edit names; empty = every edit found in edits_dir
+    edits_dir: str = "data/edits"
+    store: str = "data/images"  # the dataset whose s.zarr the edits were made from
+    originals: bool = True  # also render the source rows (the "before" images)
+    out_dir: str = "data/render"
+    format: Literal["png", "jpeg"] = "png"
+    jpeg_quality: int = 92
+    shards: bool = False  # write <edit>/shard-<block>.tar instead of loose files
+    max_rows: int | None = None  # render at most this many ok rows per edit (None = all)
+    sheet_rows: int = 8  # rows on each contact sheet
+    sheet_tile: int = 128  # tile size on the sheet (images are upscaled, nearest)
+    gallery_rows: int = 16  # rows per edit in index.html
+    seed: int = 0  # which rows the sheets and the gallery show
+    extra_dir: str | None = None  # extra column: <extra_dir>/<edit>/<row>.png if present
+    extra_label: str = "reference"
+    noise_mode: Literal["const", "random"] = "const"
+
+    def validate(self) -> None:
+        from stages.edit import check_name
+
+        for i, name in enumerate(self.edits):
+            check_name(name, f"edits[{i}]")
+        require(1 <= self.jpeg_quality <= 100, "jpeg_quality", self.jpeg_quality, "1..100")
+        if self.max_rows is not None:
+            require(self.max_rows >= 1, "max_rows", self.max_rows, "an integer >= 1 or null")
+        require(self.sheet_rows >= 1, "sheet_rows", self.sheet_rows, "an integer >= 1")
+        require(16 <= self.sheet_tile <= 1024, "sheet_tile", self.sheet_tile, "16..1024")
+        require(self.gallery_rows >= 1, "gallery_rows", self.gallery_rows, "an integer >= 1")
+
+    @property
+    def suffix(self) -> str:
+        return ".png" if self.format == "png" else ".jpg"
+
+
+# --- pixels ---------------------------------------------------------------------------
+
+
+def to_uint8(img: Any) -> np.ndarray:
+    """Generator output [B, 3, H, W] in about [-1, 1] (tensor or array) -> uint8 [B, H, W, 3]."""
+    x = img.detach().float().cpu().numpy() if hasattr(img, "detach") else np.asarray(img)
+    x = np.clip((x + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+
+def render_s(
+    generator: Any,
+    s: np.ndarray,
+    batch_size: int = 16,
+    device: str = "cpu",
+    noise_mode: str = "const",
+) -> np.ndarray:
+    """Images uint8 [n, H, W, 3] for S codes [n, D]."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(s), batch_size):
+            sb = torch.as_tensor(s[i : i + batch_size], dtype=torch.float32, device=device)
+            out.append(to_uint8(generator.synthesize(sb, noise_mode=noise_mode)))
+    if not out:
+        r = generator.resolution
+        return np.zeros((0, r, r, 3), dtype=np.uint8)
+    return np.concatenate(out)
+
+
+def encode_image(img: np.ndarray, fmt: str, quality: int = 92) -> bytes:
+    buf = io.BytesIO()
+    im = Image.fromarray(img)
+    if fmt == "png":
+        im.save(buf, format="PNG")
+    else:
+        im.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def row_file(row: int, suffix: str) -> str:
+    return f"{row:08d}{suffix}"
+
+
+# --- contact sheet --------------------------------------------------------------------
+
+
+def _font() -> ImageFont.ImageFont:
+    return ImageFont.load_default()
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font: Any) -> str:
+    """Cut text to fit `width` pixels (with an ellipsis)."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def contact_sheet(
+    before: Sequence[np.ndarray],
+    after: Sequence[np.ndarray],
+    title: Sequence[str],
+    labels: Sequence[str] = (),
+    tile: int = 128,
+    extra: Sequence[np.ndarray | None] | None = None,
+    extra_label: str = "reference",
+) -> Image.Image:
+    """One sheet: a title block (prompt, alpha ...), then per row `before | after [| extra]`.
+
+    before/after: uint8 [H, W, 3] images. labels: one caption per row (e.g. the id).
+    """
+    font = _font()
+    n = len(before)
+    cols = 3 if extra is not None else 2
+    pad, line = 6, 14
+    label_w = 120
+    width = label_w + cols * (tile + pad) + pad
+    head = pad + line * (len(title) + 1) + pad
+    height = head + n * (tile + pad) + pad
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, text in enumerate(title):
+        draw.text(
+            (pad, pad + i * line),
+            _fit(draw, text, width - 2 * pad, font),
+            fill=(0, 0, 0),
+            font=font,
+        )
+    names = ["before", "after"] + ([extra_label] if extra is not None else [])
+    y0 = pad + line * len(title)
+    for j, name in enumerate(names):
+        draw.text((label_w + pad + j * (tile + pad), y0), name, fill=(80, 80, 80), font=font)
+    for i in range(n):
+        y = head + i * (tile + pad)
+        if i < len(labels):
+            draw.text(
+                (pad, y + tile // 2 - 6),
+                _fit(draw, labels[i], label_w - pad, font),
+                fill=(0, 0, 0),
+                font=font,
+            )
+        row = [before[i], after[i]] + ([extra[i]] if extra is not None else [])
+        for j, img in enumerate(row):
+            x = label_w + pad + j * (tile + pad)
+            if img is None:
+                draw.rectangle([x, y, x + tile - 1, y + tile - 1], outline=(200, 200, 200))
+                continue
+            im = Image.fromarray(img).resize((tile, tile), Image.Resampling.NEAREST)
+            sheet.paste(im, (x, y))
+    return sheet
+
+
+def edit_title(name: str, attrs: dict) -> list[str]:
+    """Lines written on a sheet / gallery header: prompt(s), neutral, alpha, beta, levels."""
+    if not attrs or attrs.get("stage") != "edit":
+        return [name]
+    targets = attrs.get("targets", [])
+    alphas = attrs.get("alphas", [])
+    prompt = " + ".join(f"'{t}' (alpha {a:g})" for t, a in zip(targets, alphas, strict=False))
+    return [
+        f"{name}: {prompt}",
+        f"neutral '{attrs.get('neutral')}', beta {attrs.get('beta')}, "
+        f"levels {'/'.join(attrs.get('levels', []))}, method {attrs.get('method')}",
+    ]
+
+
+# --- gallery --------------------------------------------------------------------------
+
+
+@dataclass
+class GalleryRow:
+    label: str
+    images: list[str | None]  # relative paths, one per column (None = empty cell)
+
+
+@dataclass
+class GallerySection:
+    title: list[str]
+    columns: list[str]
+    rows: list[GalleryRow] = field(default_factory=list)
+    sheet: str | None = None  # relative path of the contact sheet
+
+
+GALLERY_SCRIPT = """
+window.addEventListener('error', function (e) {
+  document.body.dataset.jsError = String(e.message || e.type);
+}, true);
+function deltaeditCount() {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; });
+  document.body.dataset.imagesTotal = imgs.length;
+  document.body.dataset.imagesLoaded = ok.length;
+  document.body.dataset.imagesBroken = imgs.filter(function (i) {
+    return i.complete && i.naturalWidth === 0; }).length;
+}
+window.addEventListener('load', deltaeditCount);
+"""
+
+GALLERY_STYLE = """
+body { font-family: sans-serif; margin: 1em; }
+table { border-collapse: collapse; margin-bottom: 2em; }
+td, th { border: 1px solid #ccc; padding: 4px; text-align: center; }
+td img { width: 128px; height: 128px; image-rendering: pixelated; }
+h2 { margin-bottom: 0.2em; } p.sub { margin-top: 0; color: #555; }
+"""
+
+
+def write_gallery(out_dir: Path, sections: Sequence[GallerySection], title: str) -> Path:
+    """`out_dir/index.html`: one table per section; every link relative to out_dir."""
+    e = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{e(title)}</title><style>{GALLERY_STYLE}</style>",
+        f"<script>{GALLERY_SCRIPT}</script></head><body>",
+        f"<h1>{e(title)}</h1>",
+    ]
+    for sec in sections:
+        parts.append(f"<h2>{e(sec.title[0])}</h2>")
+        for sub in sec.title[1:]:
+            parts.append(f'<p class="sub">{e(sub)}</p>')
+        if sec.sheet:
+            parts.append(f'<p><a href="{e(sec.sheet)}">contact sheet</a></p>')
+        parts.append("<table><tr><th>row</th>")
+        parts.extend(f"<th>{e(c)}</th>" for c in sec.columns)
+        parts.append("</tr>")
+        for row in sec.rows:
+            parts.append(f"<tr><td>{e(row.label)}</td>")
+            for col, src in zip(sec.columns, row.images, strict=True):
+                if src is None:
+                    parts.append("<td>-</td>")
+                else:
+                    alt = e(f"{row.label} {col}")
+                    parts.append(f'<td><img src="{e(src)}" alt="{alt}" loading="eager"></td>')
+            parts.append("</tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
+    path = Path(out_dir) / "index.html"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+# --- stage --------------------------------------------------------------------------
+
+
+@dataclass
+class RenderResult:
+    name: str
+    n_images: int
+    seconds: float
+    sheet: Path | None
+
+
+def load_generator_ref(ref: GeneratorRef, device: str = "cpu") -> Any:
+    """The generator a params `generator:` section names (checkpoint or registered config)."""
+    from model.stylegan2 import create_generator, load_generator
+
+    if ref.path:
+        if not Path(ref.path).exists():
+            raise FileNotFoundError(f"generator.path {ref.path}: no such file")
+        return load_generator(ref.path, device=device).eval()
+    return create_generator(ref.config, seed=ref.seed).to(device).eval()
+
+
+def discover_edits(edits_dir: str) -> list[str]:
+    d = Path(edits_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p.name[: -len(".zarr")] for p in d.iterdir() if p.name.endswith(".zarr"))
+
+
+def _ids(store_root: str, n_rows: int) -> np.ndarray | None:
+    from stages.edit import _manifest_ids, dataset_urls
+
+    return _manifest_ids(dataset_urls(store_root)["manifest"], n_rows)
+
+
+def _extra_image(
+    cfg: RenderConfig, extra: ExtraFn | None, name: str, row: int
+) -> np.ndarray | None:
+    img: Any = None
+    if extra is not None:
+        img = extra(name, row)
+    elif cfg.extra_dir:
+        for cand in (
+            Path(cfg.extra_dir) / name / row_file(row, ".png"),
+            Path(cfg.extra_dir) / row_file(row, ".png"),
+        ):
+            if cand.exists():
+                img = _read_bounded(cand)
+                break
+    if img is None:
+        return None
+    if isinstance(img, Image.Image):
+        img = np.asarray(img.convert("RGB"))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def _read_bounded(path: Path, max_pixels: int = 4096 * 4096) -> np.ndarray:
+    with Image.open(path) as im:
+        if im.width * im.height > max_pixels:
+            raise ValueError(f"{path}: {im.width}x{im.height} is larger than {max_pixels} pixels")
+        return np.asarray(im.convert("RGB"))
+
+
+def run(
+    cfg: RenderConfig,
+    generator_ref: GeneratorRef | None = None,
+    execution: ExecutionConfig | None = None,
+    *,
+    generator: Any | None = None,
+    extra: ExtraFn | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> list[RenderResult]:
+    """Render the chosen edits (and the originals), their sheets and index.html."""
+    from tqdm import tqdm
+
+    from model.layout import SLayout
+    from stages.edit import dataset_urls
+    from store import RowStore
+
+    execution = execution or ExecutionConfig()
+    device = resolve_device(execution.device)
+    names = list(cfg.edits) or discover_edits(cfg.edits_dir)
+    edit_stores = {n: RowStore.open(f"{cfg.edits_dir.rstrip('/')}/{n}.zarr") for n in names}
+    src = RowStore.open(dataset_urls(cfg.store)["s"])
+    layout = src.attrs.get("layout")
+    for n, st in edit_stores.items():
+        if st.n_rows != src.n_rows or st.attrs.get("layout", layout) != layout:
+            raise ValueError(
+                f"edit {n} was made from another store ({st.attrs.get('source')}), "
+                f"not {src.url}; set render.store to its dataset"
+            )
+    if generator is None:
+        generator = load_generator_ref(generator_ref or GeneratorRef(), device)
+    if layout is not None and SLayout.from_dict(layout).dim != generator.layout.dim:
+        raise ValueError(
+            f"the generator's S has {generator.layout.dim} channels, {src.url} has "
+            f"{SLayout.from_dict(layout).dim}; set generator: to the one that made the store"
+        )
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = _ids(cfg.store, src.n_rows)
+    rng = np.random.default_rng(cfg.seed)
+
+    jobs: list[tuple[str, Any]] = [(ORIGINALS, src)] + list(edit_stores.items())
+    rows_of: dict[str, np.ndarray] = {ORIGINALS: src.ok_rows()}
+    for name, st in edit_stores.items():
+        rows_of[name] = np.intersect1d(st.ok_rows(), rows_of[ORIGINALS])
+    if cfg.max_rows is not None:
+        rows_of = {n: r[: cfg.max_rows] for n, r in rows_of.items()}
+    # rows shown on sheets and in the gallery: ok in every edit shown
+    common = rows_of[ORIGINALS]
+    for name in edit_stores:
+        common = np.intersect1d(common, rows_of[name])
+    k = min(len(common), max(cfg.sheet_rows, cfg.gallery_rows))
+    shown = np.sort(rng.choice(common, size=k, replace=False)) if k else common[:0]
+    if not cfg.originals and edit_stores:
+        rows_of[ORIGINALS] = shown  # only the "before" images the sheets and gallery show
+
+    results = []
+    shown_imgs: dict[str, dict[int, np.ndarray]] = {}
+    for name, st in jobs:
+        t0 = time.perf_counter()
+        rows = rows_of[name]
+        d = out / name
+        d.mkdir(parents=True, exist_ok=True)
+        keep: dict[int, np.ndarray] = {}
+        shown_set = set(shown.tolist())
+        n_done = 0
+        bar = tqdm(total=len(rows), desc=f"render {name}", unit="img", disable=not progress)
+        for b in range(st.n_blocks):
+            sl = st.block_rows(b)
+            blk = rows[(rows >= sl.start) & (rows < sl.stop)]
+            if len(blk) == 0:
+                continue
+            s = st.read("s", rows=sl)[blk - sl.start]
+            imgs = render_s(generator, s, execution.batch_size, device, cfg.noise_mode)
+            files = [
+                (row_file(int(r), cfg.suffix), encode_image(im, cfg.format, cfg.jpeg_quality))
+                for r, im in zip(blk, imgs, strict=True)
+            ]
+            if cfg.shards:
+                _write_tar(d / f"shard-{b:05d}.tar", files)
+            else:
+                for fname, data in files:
+                    (d / fname).write_bytes(data)
+            for r, im in zip(blk, imgs, strict=True):
+                if int(r) in shown_set:
+                    keep[int(r)] = im
+            n_done += len(blk)
+            bar.update(len(blk))
+        bar.close()
+        if cfg.shards:
+            g = out / "gallery" / name
+            g.mkdir(parents=True, exist_ok=True)
+            for r, im in keep.items():
+                (g / row_file(r, cfg.suffix)).write_bytes(
+                    encode_image(im, cfg.format, cfg.jpeg_quality)
+                )
+        shown_imgs[name] = keep
+        dt = time.perf_counter() - t0
+        log(
+            f"render {name}: {n_done} images, {len(st.status()) - n_done} rows not ok/skipped, "
+            f"{n_done / max(dt, 1e-9):.1f} img/s -> {d}"
+        )
+        results.append(RenderResult(name, n_done, dt, None))
+
+    # --- sheets and gallery ---
+    sheets = out / "sheets"
+    sheets.mkdir(exist_ok=True)
+    label = (lambda r: f"{r}: {ids[r]}") if ids is not None else (lambda r: f"row {r}")
+    sections = []
+    before_name = ORIGINALS if ORIGINALS in shown_imgs else None
+    extras_dir = out / "extra"
+    for res in results:
+        name = res.name
+        attrs = edit_stores[name].attrs if name in edit_stores else {}
+        title = edit_title(name, attrs) if name != ORIGINALS else ["originals (rendered from s)"]
+        sheet_rows = [int(r) for r in shown[: cfg.sheet_rows]]
+        extra_imgs = None
+        if name != ORIGINALS and (extra is not None or cfg.extra_dir):
+            extra_imgs = [_extra_image(cfg, extra, name, r) for r in shown]
+        if name != ORIGINALS and before_name is not None:
+            b = [shown_imgs[before_name][r] for r in sheet_rows]
+            a = [shown_imgs[name][r] for r in sheet_rows]
+            ex = extra_imgs[: len(sheet_rows)] if extra_imgs is not None else None
+            sheet = contact_sheet(
+                b, a, title, [label(r) for r in sheet_rows], cfg.sheet_tile, ex, cfg.extra_label
+            )
+            res.sheet = sheets / f"{name}.png"
+            sheet.save(res.sheet)
+        img_dir = (lambda n: f"gallery/{n}") if cfg.shards else (lambda n: n)
+        columns = ([ORIGINALS] if before_name and name != ORIGINALS else []) + [name]
+        if extra_imgs is not None:
+            columns.append(cfg.extra_label)
+        sec = GallerySection(title, columns, sheet=f"sheets/{name}.png" if res.sheet else None)
+        for i, r in enumerate(shown[: cfg.gallery_rows].tolist()):
+            cells: list[str | None] = []
+            if before_name and name != ORIGINALS:
+                cells.append(f"{img_dir(before_name)}/{row_file(r, cfg.suffix)}")
+            cells.append(f"{img_dir(name)}/{row_file(r, cfg.suffix)}")
+            if extra_imgs is not None:
+                im = extra_imgs[i]
+                if im is None:
+                    cells.append(None)
+                else:
+                    (extras_dir / name).mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(im).save(extras_dir / name / row_file(r, ".png"))
+                    cells.append(f"extra/{name}/{row_file(r, '.png')}")
+            sec.rows.append(GalleryRow(label(r), cells))
+        sections.append(sec)
+    page = write_gallery(out, sections, "deltaedit gallery")
+    (out / "render.json").write_text(
+        json.dumps(
+            {
+                "edits": [r.name for r in results],
+                "rows_shown": shown.tolist(),
+                "format": cfg.format,
+                "shards": cfg.shards,
+            },
+            indent=2,
+        )
+    )
+    log(f"render: {sum(r.n_images for r in results)} images, gallery {page}")
+    return results
+
+
+def _write_tar(path: Path, files: Sequence[tuple[str, bytes]]) -> None:
+    tmp = path.with_suffix(".tar.tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mtime = 0
+            tar.addfile(info, io.BytesIO(data))
+    tmp.replace(path)
