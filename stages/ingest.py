@@ -375,12 +375,12 @@ class _ImportTask:
         manifest, clip_store, s_store = (RowStore.open(u) for u in self.urls)
         rows = manifest.block_rows(block)
         n = rows.stop - rows.start
-        s_in = np.asarray(np.load(self.sspace, mmap_mode="r")[rows], dtype=np.float32)
-        c = np.asarray(np.load(self.cspace, mmap_mode="r")[rows], dtype=np.float32)
+        s_in = np.array(np.load(self.sspace, mmap_mode="r")[rows], dtype=np.float32)
+        c = np.array(np.load(self.cspace, mmap_mode="r")[rows], dtype=np.float32)
         data: dict[str, np.ndarray] = {}
         wplus = None
         if self.wspace:
-            wplus = np.asarray(np.load(self.wspace, mmap_mode="r")[rows], dtype=np.float32)
+            wplus = np.array(np.load(self.wspace, mmap_mode="r")[rows], dtype=np.float32)
         if self.generator is not None:
             G = load_generator_ref(self.generator, self.device)
             layout = G.layout
