@@ -142,7 +142,7 @@ class ClipModel:
         self.context_length = int(model.context_length)
         self._text_cache: dict[tuple[str, str, tuple[str, ...]], torch.Tensor] = {}
         self._pool_mats: dict[tuple[int, str], torch.Tensor] = {}
-        self.fingerprint = self.compute_fingerprint()
+        self._fp_cache: tuple[Any, str] | None = None
 
     def __repr__(self) -> str:
         return f"ClipModel({self.name!r}, embed_dim={self.embed_dim}, image_size={self.image_size})"
@@ -150,11 +150,17 @@ class ClipModel:
     def fingerprint_config(self) -> dict[str, Any]:
         return {"format": FORMAT, "name": self.name, "model_cfg": self.config}
 
-    def compute_fingerprint(self) -> str:
-        """sha256 of weights + config; call again (and reassign) after changing the weights."""
-        # 0-dim tensors (logit_scale) as [1]: checkpoint.fingerprint views tensors as bytes
-        state = {k: v.reshape(1) if v.ndim == 0 else v for k, v in self.model.state_dict().items()}
-        return fingerprint(state, self.fingerprint_config())
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of weights + config; recomputed when a weight changed (in-place updates bump
+        a tensor's version), so the text cache never serves embeddings of older weights."""
+        state = self.model.state_dict()
+        key = tuple((k, v._version, v.data_ptr()) for k, v in state.items())
+        if self._fp_cache is None or self._fp_cache[0] != key:
+            # 0-dim tensors (logit_scale) as [1]: checkpoint.fingerprint views tensors as bytes
+            flat = {k: v.reshape(1) if v.ndim == 0 else v for k, v in state.items()}
+            self._fp_cache = (key, fingerprint(flat, self.fingerprint_config()))
+        return self._fp_cache[1]
 
     def to(self, device: str | torch.device) -> ClipModel:
         self.model.to(device)
@@ -460,5 +466,5 @@ def _load_own(path: Path, device: str) -> ClipModel:
 def save_clip(model: ClipModel, path: str | Path) -> None:
     """Write ``path`` (safetensors) + ``path.json`` (name, open_clip model config, fingerprint)."""
     meta = dict(model.fingerprint_config())
-    meta["fingerprint"] = model.compute_fingerprint()
+    meta["fingerprint"] = model.fingerprint
     save_checkpoint(path, model.model.state_dict(), meta)

@@ -198,3 +198,14 @@ def test_register_config():
     assert m.embed_dim == 16 and m.encode_images(_images(6), "clip").shape == (2, 16)
     with pytest.raises(ValueError, match="already registered"):
         register_config("test-e16", TINY_CONFIG)
+
+
+def test_changed_weights_change_fingerprint_and_miss_the_text_cache():
+    m = load_clip("deltaedit-tiny", seed=0)
+    before, fp = m.encode_text(["a red square"]), m.fingerprint
+    with torch.no_grad():
+        m.model.text_projection.add_(
+            torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+        )
+    assert m.fingerprint != fp
+    assert not torch.allclose(m.encode_text(["a red square"]), before)
