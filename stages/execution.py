@@ -182,7 +182,7 @@ def _run_distributed(
             pure=False,
             key=[f"{name}-block-{b}-{time.time_ns()}" for b in blocks],
         )
-        for future in as_completed(futures):
+        for future in as_completed(futures, loop=client.loop):
             summary.add(future.result())
             bar.update(1)
 
