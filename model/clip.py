@@ -184,7 +184,7 @@ class ClipModel:
         # Same numbers as the literal ops, without the 49x larger intermediate image.
         a_h = self._pool_matrix(x.shape[-2])  # [S, H]
         a_w = self._pool_matrix(x.shape[-1])  # [S, W]
-        return torch.einsum("ih,bchw,jw->bcij", a_h, x, a_w)
+        return a_h @ x @ a_w.T  # [S,H] @ [B,C,H,W] @ [W,S] -> [B,C,S,S]
 
     def _pool_matrix(self, n: int) -> torch.Tensor:
         key = (n, str(self.device))
