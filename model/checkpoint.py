@@ -32,7 +32,7 @@ def fingerprint(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) ->
         h.update(key.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(str(t.dtype).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
