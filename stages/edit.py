@@ -458,7 +458,6 @@ def run(
     """Run every edit in `cfg` over the selected ok rows of `cfg.store`."""
     from tqdm import tqdm
 
-    from model.clip import load_clip
     from store import ArraySpec, FingerprintMismatch, RowStore, Status
 
     execution = execution or ExecutionConfig()
@@ -475,14 +474,9 @@ def run(
         )
     layout = SLayout.from_dict(s_store.attrs["layout"])
     if clip is None:
-        ref = clip_ref or ClipRef()
-        clip = load_clip(
-            ref.name,
-            ref.weights,
-            device=device,
-            trust_checkpoint=ref.trust_checkpoint,
-            seed=ref.seed,
-        )
+        from stages.execution import load_clip_ref
+
+        clip = load_clip_ref(clip_ref or ClipRef(), device)
 
     # --- everything checked before any work ---
     mapper, mapper_cfg = None, {}

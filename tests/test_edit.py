@@ -163,3 +163,276 @@ def test_sweep_expands_to_one_edit_per_alpha_and_neutral_defaults_by_kind():
     dup = EditConfig(edits=(EditSpec("a", "x"), EditSpec("a", "y")))
     with pytest.raises(ConfigError, match="unique"):
         dup.validate()
+
+
+# --- the stage over a tiny dataset --------------------------------------------------------
+
+BAD_ROWS = (2, 9)
+
+
+def make_dataset(root, n=20, rows_per_shard=8, bad=BAD_ROWS, seed=0):
+    """A tiny dataset: manifest/s/clip stores from the tiny generator + tiny CLIP.
+
+    Rows in `bad` are FAILED upstream. Returns (generator, clip).
+    """
+    import numpy as np
+
+    from model.clip import load_clip
+    from model.stylegan2 import create_generator
+    from stages.ingest import MANIFEST_ARRAYS
+    from store import ArraySpec, RowStore, Status, store_url
+
+    G = create_generator("tiny-64", seed=0).eval()
+    clip = load_clip("deltaedit-tiny", seed=0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w = G.mapping(torch.randn(n, G.w_dim, generator=g))
+        s = G.w_to_s(w[:, None].expand(n, G.n_latent, G.w_dim))
+        c = clip.encode_images(G.synthesize(s).clamp(-1, 1), preprocessing="deltaedit")
+    status = np.full(n, int(Status.OK), dtype=np.uint8)
+    status[list(bad)] = int(Status.FAILED)
+    common = {"stage": "sample", "generator": G.fingerprint}
+    stores = {
+        "manifest": (MANIFEST_ARRAYS, {**common, "fingerprint": "m"}),
+        "s": (
+            {"s": ArraySpec((G.layout.dim,), "float32")},
+            {**common, "fingerprint": G.fingerprint, "layout": G.layout.to_dict()},
+        ),
+        "clip": (
+            {"embed": ArraySpec((clip.embed_dim,), "float32")},
+            {**common, "fingerprint": clip.fingerprint, "model": clip.name},
+        ),
+    }
+    data = {
+        "manifest": {
+            "ids": np.array([f"img-{i:03d}" for i in range(n)]),
+            "source": np.array([f"src/{i}.png" for i in range(n)]),
+            "sha256": np.array(["0" * 64] * n),
+            "size": np.full((n, 2), 64, dtype=np.int32),
+            "reason": np.array([""] * n),
+        },
+        "s": {"s": s.numpy()},
+        "clip": {"embed": c.numpy()},
+    }
+    for name, (arrays, attrs) in stores.items():
+        st = RowStore.create(store_url(str(root), name), n, rows_per_shard, arrays, attrs)
+        for b in range(st.n_blocks):
+            sl = st.block_rows(b)
+            st.write_block(b, {k: v[sl] for k, v in data[name].items()}, status[sl])
+    return G, clip
+
+
+def make_mapper(path, layout, clip, seed=0):
+    from model.mapper import DeltaMapper, save_mapper
+
+    torch.manual_seed(seed)
+    m = DeltaMapper(layout, clip.embed_dim)
+    save_mapper(m, path, extra={"clip_fingerprint": clip.fingerprint})
+    return m
+
+
+def make_relevance(root, out, layout, embed_dim, seed=0):
+    """relevance.zarr from a random fs3.npy [Dconv, E] (unit rows): fast, and it checks the
+    fs3 import path; the computed methods are tested in test_relevance.py."""
+    import numpy as np
+
+    from stages.relevance import RelevanceConfig
+    from stages.relevance import run as run_relevance
+
+    d = np.random.default_rng(seed).standard_normal((layout.conv_dim, embed_dim))
+    np.save(root / "fs3.npy", (d / np.linalg.norm(d, axis=1, keepdims=True)).astype(np.float32))
+    cfg = RelevanceConfig(store=str(root), out=str(out), fs3_path=str(root / "fs3.npy"))
+    return run_relevance(cfg, progress=False, log=lambda _: None)
+
+
+_SHARED: dict = {}
+
+
+def shared_dataset(tmp_path_factory):
+    """One tiny dataset (+ random mapper, fs3 relevance) per test session; read-only."""
+    if "ds" not in _SHARED:
+        root = tmp_path_factory.mktemp("ds")
+        G, clip = make_dataset(root)
+        mapper = make_mapper(root / "mapper.safetensors", G.layout, clip)
+        rel = make_relevance(root, root / "relevance.zarr", G.layout, clip.embed_dim)
+        _SHARED["ds"] = {"root": root, "G": G, "clip": clip, "mapper": mapper, "rel": rel}
+    return _SHARED["ds"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return shared_dataset(tmp_path_factory)
+
+
+def edit_config(ds, tmp_path, **kw):
+    from stages.edit import EditConfig
+
+    base = {
+        "store": str(ds["root"]),
+        "mapper": str(ds["root"] / "mapper.safetensors"),
+        "relevance": str(ds["root"] / "relevance.zarr"),
+        "out_dir": str(tmp_path / "edits"),
+        "dataset_kind": "faces",
+    }
+    return EditConfig(**(base | kw))
+
+
+def test_edit_stage_matches_the_math_and_skips_rows(dataset, tmp_path):
+    import numpy as np
+
+    from stages.common import ExecutionConfig
+    from stages.edit import run
+    from store import RowStore, Status, store_url
+
+    spec = EditSpec("smile", "smiling face", alpha=1.5, beta=0.03, levels=("coarse", "medium"))
+    cfg = edit_config(dataset, tmp_path, edits=(spec,))
+    cfg.validate()
+    ex = ExecutionConfig(device="cpu", batch_size=5)
+    (res,) = run(cfg, ex, clip=dataset["clip"], progress=False, log=lambda _: None)
+    assert res.n_edited == 20 - len(BAD_ROWS)
+    out = RowStore.open(res.url)
+    assert out.is_complete()
+    st = out.status()
+    assert set(np.flatnonzero(st == Status.SKIPPED)) == set(BAD_ROWS)
+    src = RowStore.open(store_url(str(dataset["root"]), "s"))
+    c = RowStore.open(store_url(str(dataset["root"]), "clip")).read("embed")
+    s, s2 = src.read("s"), out.read("s")
+    layout = dataset["G"].layout
+    idx = layout.conv_index()
+    ok = np.flatnonzero(st == Status.OK)
+    # expected: s + alpha * (beta mask & level mask) * mapper(s_conv, [c^ || dt^])
+    clip = dataset["clip"]
+    dt = text_delta(clip.encode_text(["smiling face"])[0], clip.encode_text(["face"])[0])
+    keep = beta_mask(dataset["rel"].directions, dt, 0.03) & level_mask(layout, spec.levels)
+    assert 0 < int(keep.sum()) < layout.conv_dim
+    with torch.no_grad():
+        d = dataset["mapper"](
+            torch.as_tensor(s[ok][:, idx]), mapper_condition(torch.as_tensor(c[ok]), dt)
+        )
+    want = s[ok].copy()
+    want[:, idx] += (1.5 * d * keep).numpy()
+    np.testing.assert_allclose(s2[ok], want, atol=1e-5)
+    torgb = np.setdiff1d(np.arange(layout.dim), idx)
+    assert np.array_equal(s2[ok][:, torgb], s[ok][:, torgb])
+    assert np.abs(s2[ok][:, idx[~keep.numpy()]] - s[ok][:, idx[~keep.numpy()]]).max() == 0
+    a = out.attrs
+    assert a["targets"] == ["smiling face"] and a["neutral"] == "face"
+    assert a["alphas"] == [1.5] and a["beta"] == 0.03 and a["levels"] == ["coarse", "medium"]
+    assert a["mapper"] == dataset["mapper"].fingerprint and a["clip"] == clip.fingerprint
+    assert a["relevance"] == dataset["rel"].attrs["fingerprint"]
+    assert a["source"].endswith("s.zarr")
+
+
+def test_edit_selection_sweep_and_multi_target(dataset, tmp_path):
+    import numpy as np
+
+    from stages.common import ExecutionConfig
+    from stages.edit import Selection, run
+    from store import RowStore, Status
+
+    one = EditSpec("a", "red", beta=0.0, alphas=(0.5, 2.0))
+    two = EditSpec("b", ("red", "round"), alpha=(1.0, -1.0), beta=0.0)
+    single_round = EditSpec("c", "round", alpha=-1.0, beta=0.0)
+    cfg = edit_config(
+        dataset, tmp_path, edits=(one, two, single_round), select=Selection(range=(4, 12))
+    )
+    cfg.validate()
+    res = run(
+        cfg, ExecutionConfig(device="cpu"), clip=dataset["clip"], progress=False, log=lambda _: None
+    )
+    assert [r.name for r in res] == ["a_a0.5", "a_a2", "b", "c"]
+    stores = {r.name: RowStore.open(r.url) for r in res}
+    edited = np.flatnonzero(stores["a_a2"].status() == Status.OK)
+    assert edited.tolist() == [r for r in range(4, 12) if r not in BAD_ROWS]
+    src = RowStore.open(f"{dataset['root']}/s.zarr").read("s")
+    d05 = stores["a_a0.5"].read("s")[edited] - src[edited]
+    d2 = stores["a_a2"].read("s")[edited] - src[edited]
+    np.testing.assert_allclose(d2, 4 * d05, atol=1e-5)
+    # two targets compose: delta(red, +1) + delta(round, -1)
+    d_b = stores["b"].read("s")[edited] - src[edited]
+    d_c = stores["c"].read("s")[edited] - src[edited]
+    d_red = d05 * 2
+    np.testing.assert_allclose(d_b, d_red + d_c, atol=1e-5)
+    assert stores["a_a2"].attrs["sweep"] == 2.0
+
+
+def test_global_direction_needs_no_mapper(dataset, tmp_path):
+    import numpy as np
+
+    from stages.common import ExecutionConfig
+    from stages.edit import run
+    from store import RowStore
+
+    cfg = edit_config(
+        dataset,
+        tmp_path,
+        method="global-direction",
+        mapper="missing.safetensors",
+        edits=(EditSpec("gd", "smiling face", alpha=3.0, beta=0.05),),
+    )
+    (res,) = run(
+        cfg, ExecutionConfig(device="cpu"), clip=dataset["clip"], progress=False, log=lambda _: None
+    )
+    out = RowStore.open(res.url)
+    ok = out.ok_rows()
+    delta = out.read("s")[ok] - RowStore.open(f"{dataset['root']}/s.zarr").read("s")[ok]
+    # one direction for every row, at most alpha std on the most relevant channel
+    np.testing.assert_allclose(delta, np.broadcast_to(delta[0], delta.shape), atol=1e-5)
+    std = dataset["rel"].s_std
+    ratio = np.abs(delta[0]) / np.maximum(std, 1e-12)
+    assert ratio.max() == pytest.approx(3.0, rel=1e-4)
+
+
+def test_edit_never_builds_an_image_encoder_or_decodes_an_image(dataset, tmp_path, monkeypatch):
+    import PIL.Image
+
+    import model.clip
+    import model.e4e
+    from stages.common import ExecutionConfig
+    from stages.edit import run
+
+    def boom(*a, **k):
+        raise AssertionError("the edit stage must not encode or decode images")
+
+    monkeypatch.setattr(model.e4e, "load_e4e", boom)
+    monkeypatch.setattr(model.e4e, "create_e4e", boom)
+    monkeypatch.setattr(model.clip.ClipModel, "encode_images", boom)
+    monkeypatch.setattr(model.clip.ClipModel, "encode_pil", boom)
+    monkeypatch.setattr(PIL.Image, "open", boom)
+    cfg = edit_config(dataset, tmp_path, edits=(EditSpec("x", "smiling face"),))
+    (res,) = run(cfg, ExecutionConfig(device="cpu"), progress=False, log=lambda _: None)
+    assert res.n_edited == 20 - len(BAD_ROWS)
+
+
+def test_mapper_of_another_layout_or_clip_is_refused_before_work(dataset, tmp_path):
+    from model.layout import SLayout
+    from stages.common import ExecutionConfig
+    from stages.edit import EditError, run
+
+    other = SLayout.from_channels(32, {4: 8, 8: 8, 16: 8, 32: 8})
+    clip = dataset["clip"]
+    make_mapper(tmp_path / "other.safetensors", other, clip)
+    cfg = edit_config(
+        dataset,
+        tmp_path,
+        mapper=str(tmp_path / "other.safetensors"),
+        edits=(EditSpec("x", "smiling face"),),
+    )
+    with pytest.raises(EditError, match="another S layout"):
+        run(cfg, ExecutionConfig(device="cpu"), clip=clip, progress=False)
+    from model.mapper import DeltaMapper, save_mapper
+
+    save_mapper(
+        DeltaMapper(dataset["G"].layout, clip.embed_dim),
+        tmp_path / "clipx.safetensors",
+        extra={"clip_fingerprint": "f" * 64},
+    )
+    cfg = edit_config(
+        dataset,
+        tmp_path,
+        mapper=str(tmp_path / "clipx.safetensors"),
+        edits=(EditSpec("x", "smiling face"),),
+    )
+    with pytest.raises(EditError, match="trained with CLIP"):
+        run(cfg, ExecutionConfig(device="cpu"), clip=clip, progress=False)
+    assert not (tmp_path / "edits").exists()
