@@ -248,9 +248,13 @@ class DeltaMapper(nn.Module):
 # --- checkpoints ---------------------------------------------------------------
 
 
-def save_mapper(mapper: DeltaMapper, path: str | Path) -> None:
-    """`path` (safetensors, official key names and values) + its JSON config, atomically."""
-    config = mapper.config() | {"fingerprint": mapper.fingerprint}
+def save_mapper(mapper: DeltaMapper, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+    """`path` (safetensors, official key names and values) + its JSON config, atomically.
+
+    `extra` (provenance: CLIP/generator fingerprints, training config, metrics) is
+    stored in the JSON config beside the mapper's own keys.
+    """
+    config = dict(extra or {}) | mapper.config() | {"fingerprint": mapper.fingerprint}
     save_checkpoint(path, mapper.state_dict(), config)
 
 
