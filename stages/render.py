@@ -398,11 +398,14 @@ def run(
 
     results = []
     shown_imgs: dict[str, dict[int, np.ndarray]] = {}
+    gallery_only = {ORIGINALS} if not cfg.originals and edit_stores else set()
+    in_gallery = set(gallery_only) | ({n for n, _ in jobs} if cfg.shards else set())
     for name, st in jobs:
         t0 = time.perf_counter()
         rows = rows_of[name]
         d = out / name
-        d.mkdir(parents=True, exist_ok=True)
+        if name not in gallery_only:
+            d.mkdir(parents=True, exist_ok=True)
         keep: dict[int, np.ndarray] = {}
         shown_set = set(shown.tolist())
         n_done = 0
@@ -418,7 +421,9 @@ def run(
                 (row_file(int(r), cfg.suffix), encode_image(im, cfg.format, cfg.jpeg_quality))
                 for r, im in zip(blk, imgs, strict=True)
             ]
-            if cfg.shards:
+            if name in gallery_only:
+                pass
+            elif cfg.shards:
                 _write_tar(d / f"shard-{b:05d}.tar", files)
             else:
                 for fname, data in files:
@@ -429,7 +434,7 @@ def run(
             n_done += len(blk)
             bar.update(len(blk))
         bar.close()
-        if cfg.shards:
+        if name in in_gallery:
             g = out / "gallery" / name
             g.mkdir(parents=True, exist_ok=True)
             for r, im in keep.items():
@@ -468,7 +473,7 @@ def run(
             )
             res.sheet = sheets / f"{name}.png"
             sheet.save(res.sheet)
-        img_dir = (lambda n: f"gallery/{n}") if cfg.shards else (lambda n: n)
+        img_dir = lambda n: f"gallery/{n}" if n in in_gallery else n  # noqa: E731
         columns = ([ORIGINALS] if before_name and name != ORIGINALS else []) + [name]
         if extra_imgs is not None:
             columns.append(cfg.extra_label)

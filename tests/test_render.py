@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import tarfile
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from stages.render import (
     GalleryRow,
@@ -113,3 +115,110 @@ def test_gallery_check_notices_a_missing_image(tmp_path):
     sec = GallerySection(["x"], ["img"], [GalleryRow("r", ["ok.png"]), GalleryRow("s", ["no.png"])])
     data = open_in_chromium(write_gallery(tmp_path, [sec], "t"))
     assert data.get("images-loaded") == "1" and data.get("images-broken") == "1"
+
+
+# --- the stage ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def edited(tmp_path_factory):
+    """The shared tiny dataset plus one edit over rows 0..11 (a sample of them)."""
+    from test_edit import BAD_ROWS, edit_config, shared_dataset
+
+    from stages.common import ExecutionConfig
+    from stages.edit import EditSpec, Selection
+    from stages.edit import run as run_edit
+
+    ds = shared_dataset(tmp_path_factory)
+    out = tmp_path_factory.mktemp("edits")
+    spec = EditSpec("smile", "smiling face", alpha=2.0, beta=0.0)
+    cfg = edit_config(ds, out, edits=(spec,), select=Selection(range=(0, 12)))
+    run_edit(
+        cfg, ExecutionConfig(device="cpu"), clip=ds["clip"], progress=False, log=lambda _: None
+    )
+    return ds, out / "edits", BAD_ROWS
+
+
+def render_config(ds, edits_dir, out, **kw):
+    from stages.render import RenderConfig
+
+    base = {
+        "edits_dir": str(edits_dir),
+        "store": str(ds["root"]),
+        "out_dir": str(out),
+        "sheet_rows": 3,
+        "gallery_rows": 4,
+        "sheet_tile": 64,
+    }
+    return RenderConfig(**(base | kw))
+
+
+def test_render_writes_images_sheet_and_gallery(edited, tmp_path):
+    from stages.common import ExecutionConfig
+    from stages.render import run, to_uint8
+    from store import RowStore
+
+    ds, edits_dir, bad = edited
+    out = tmp_path / "render"
+    cfg = render_config(ds, edits_dir, out)
+    res = run(
+        cfg,
+        execution=ExecutionConfig(device="cpu"),
+        generator=ds["G"],
+        progress=False,
+        log=lambda _: None,
+    )
+    assert [r.name for r in res] == ["originals", "smile"]
+    n_ok = 20 - len(bad)
+    assert len(list((out / "originals").glob("*.png"))) == n_ok
+    edited_rows = sorted(int(p.stem) for p in (out / "smile").glob("*.png"))
+    assert edited_rows == [r for r in range(12) if r not in bad]
+    # the file is the generator's render of the edited code
+    s2 = RowStore.open(f"{edits_dir}/smile.zarr").read("s", rows=np.array([0]))
+    import torch
+
+    with torch.no_grad():
+        want = to_uint8(ds["G"].synthesize(torch.as_tensor(s2)))[0]
+    got = np.asarray(Image.open(out / "smile" / "00000000.png"))
+    assert np.array_equal(got, want)
+    sheet = Image.open(out / "sheets" / "smile.png")
+    assert sheet.height > 3 * 64
+    page = (out / "index.html").read_text()
+    assert "smiling face" in page and "alpha 2" in page and "img-0" in page
+    if CHROMIUM:
+        data = open_in_chromium(out / "index.html")
+        assert data["images-loaded"] == data["images-total"] and data["images-broken"] == "0"
+        assert int(data["images-total"]) == 4 + 2 * 4  # originals + (before, after) per row
+        assert "js-error" not in data
+
+
+def test_render_tar_shards_jpeg_and_extra_column(edited, tmp_path):
+    from stages.common import ExecutionConfig
+    from stages.render import run
+
+    ds, edits_dir, bad = edited
+    out = tmp_path / "render"
+    cfg = render_config(ds, edits_dir, out, shards=True, format="jpeg", originals=False)
+
+    def extra(name, row):  # e.g. the world's ground-truth counterpart
+        return None if row % 2 else np.full((16, 16, 3), 200, np.uint8)
+
+    run(
+        cfg,
+        execution=ExecutionConfig(device="cpu"),
+        generator=ds["G"],
+        extra=extra,
+        progress=False,
+        log=lambda _: None,
+    )
+    shards = sorted((out / "smile").glob("shard-*.tar"))
+    assert [p.name for p in shards] == ["shard-00000.tar", "shard-00001.tar"]  # 8-row blocks
+    names = [n for p in shards for n in tarfile.open(p).getnames()]
+    assert len(names) == 12 - len([r for r in bad if r < 12])
+    assert all(n.endswith(".jpg") for n in names)
+    assert not list((out / "originals").glob("*.tar"))  # only the shown "before" rows
+    page = (out / "index.html").read_text()
+    assert "reference" in page and "extra/smile/" in page
+    if CHROMIUM:
+        data = open_in_chromium(out / "index.html")
+        assert data["images-loaded"] == data["images-total"] and data["images-broken"] == "0"
