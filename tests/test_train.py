@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from train_data import CLIP_FP, GEN_FP, TINY_LAYOUT, write_pair_store
+from test_train_data import CLIP_FP, GEN_FP, TINY_LAYOUT, write_pair_store
 
 from model.layout import SLayout
 from model.mapper import load_mapper
@@ -139,3 +139,31 @@ def test_bad_input_is_one_clear_error(stores, tmp_path):
         run(_cfg(stores, tmp_path, stores=(str(tmp_path / "missing"),)))
     with pytest.raises(ValueError, match="iterations"):
         run(_cfg(stores, tmp_path, iterations=0))
+
+
+def test_cli_trains_and_reports_bad_input_in_one_line(stores, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        "train:\n"
+        f"  stores: ['{stores / 'images'}', '{stores / 'sampled'}']\n"
+        f"  out: '{tmp_path / 'm.safetensors'}'\n"
+        f"  metrics_dir: '{tmp_path / 'metrics'}'\n"
+        "  val_every: 10\n"
+        "execution:\n  device: cpu\n"
+    )
+    runner = CliRunner()
+    ok = runner.invoke(main, ["train", "--params", str(params), "--iterations", "20", "-q"])
+    assert ok.exit_code == 0, ok.output
+    assert "held-out cos" in ok.output and (tmp_path / "m.safetensors").exists()
+    bad = runner.invoke(main, ["train", "--params", str(params), "--iterations", "0"])
+    assert bad.exit_code != 0 and "train.iterations" in bad.output
+    assert "Traceback" not in bad.output
+    missing = runner.invoke(
+        main, ["train", "--params", str(params), "--set", f"train.stores=['{tmp_path}/none']"]
+    )
+    assert missing.exit_code != 0 and len(missing.output.strip().splitlines()) == 1
+    assert "Traceback" not in missing.output
