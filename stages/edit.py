@@ -164,7 +164,9 @@ class EditSpec:
             return (float(self.alpha),) * len(self.targets)
         return tuple(float(a) for a in self.alpha)
 
-    def validate(self, key: str = "edit") -> None:
+    def check(self, key: str = "edit") -> None:
+        """Raise ConfigError naming `key.field` for a bad value (EditConfig.validate calls it
+        with key `edits[i]`)."""
         check_name(self.name, f"{key}.name")
         require(len(self.targets) >= 1, f"{key}.target", self.target, "a prompt or a list")
         for p in self.targets:
@@ -266,7 +268,7 @@ class EditConfig:
     def validate(self) -> None:
         names: set[str] = set()
         for i, spec in enumerate(self.edits):
-            spec.validate(f"edits[{i}]")
+            spec.check(f"edits[{i}]")
             for r in spec.expand():
                 require(r.name not in names, f"edits[{i}].name", r.name, "a unique edit name")
                 names.add(r.name)

@@ -127,7 +127,7 @@ def test_global_direction_scales_by_std_and_peak():
 @pytest.mark.parametrize("name", ["../x", "/abs", "a/b", "a\\b", "..", "", ".hidden"])
 def test_edit_name_that_escapes_the_directory_is_refused(name):
     with pytest.raises(ConfigError, match="name"):
-        EditSpec(name=name, target="smiling face").validate()
+        EditSpec(name=name, target="smiling face").check()
 
 
 @pytest.mark.parametrize(
@@ -147,7 +147,7 @@ def test_edit_name_that_escapes_the_directory_is_refused(name):
 def test_bad_edit_values_fail_naming_the_key(kwargs, key):
     spec = EditSpec(name="smile", **{"target": "smiling face", **kwargs})
     with pytest.raises(ConfigError) as err:
-        spec.validate()
+        spec.check()
     assert key in err.value.key
 
 
@@ -435,4 +435,105 @@ def test_mapper_of_another_layout_or_clip_is_refused_before_work(dataset, tmp_pa
     )
     with pytest.raises(EditError, match="trained with CLIP"):
         run(cfg, ExecutionConfig(device="cpu"), clip=clip, progress=False)
+    assert not (tmp_path / "edits").exists()
+
+
+# --- CLI ------------------------------------------------------------------------------
+
+
+def cli(*args):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    return CliRunner().invoke(main, list(args))
+
+
+def cli_base(ds, tmp_path):
+    return [
+        "--params",
+        str(tmp_path / "none.yaml"),
+        "--set",
+        f"edit.store={ds['root']}",
+        "--set",
+        f"edit.mapper={ds['root'] / 'mapper.safetensors'}",
+        "--set",
+        f"edit.relevance={ds['root'] / 'relevance.zarr'}",
+        "--set",
+        f"edit.out_dir={tmp_path / 'edits'}",
+        "--set",
+        "execution.device=cpu",
+        "-q",
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--target", ""], "a non-empty prompt"),
+        (["--target", "x", "--name", "../x"], "edit.edits[0].name: got '../x'"),
+        (["--target", "x", "--name", "/abs"], "no path separators"),
+        (["--target", "x", "--name", "a/b"], "no path separators"),
+        (["--target", "x", "--alpha", "inf"], "edit.edits[0].alpha: got inf"),
+        (["--target", "x", "--alpha", "12"], "[-10, 10]"),
+        (
+            ["--target", "x", "--beta", "1"],
+            "edit.edits[0].beta: got 1.0, expected a number in [0, 1)",
+        ),
+        (["--target", "x", "--alpha", "abc"], "--alpha: got 'abc'"),
+        (["--target", "x", "--levels", "coarse,top"], "subset of coarse, medium, fine"),
+        (["--beta", "0.1"], "give --target too"),
+        ([], "no edits"),
+    ],
+)
+def test_cli_bad_input_is_one_line_before_any_work(dataset, tmp_path, args, message):
+    r = cli("edit", *cli_base(dataset, tmp_path), *args)
+    assert r.exit_code != 0
+    assert message in r.output, r.output
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "edits").exists()
+
+
+def test_cli_edit_from_the_command_line_and_long_prompt_warning(dataset, tmp_path):
+    from store import RowStore
+
+    long = "a smiling face " * 30
+    r = cli(
+        "edit",
+        *cli_base(dataset, tmp_path),
+        "--target",
+        long,
+        "--name",
+        "smile",
+        "--alpha",
+        "0.5",
+        "--beta",
+        "0.03",
+        "--levels",
+        "coarse,fine",
+        "--sample",
+        "5",
+    )
+    assert r.exit_code == 0, r.output
+    assert "truncated" in r.output and "context" in r.output
+    out = RowStore.open(str(tmp_path / "edits" / "smile.zarr"))
+    assert len(out.ok_rows()) == 5
+    a = out.attrs
+    assert a["neutral"] == "shape" and a["alphas"] == [0.5] and a["levels"] == ["coarse", "fine"]
+    assert "wrote" in r.output and "5 rows edited" in r.output
+
+
+def test_cli_mapper_mismatch_is_one_line(dataset, tmp_path):
+    from model.layout import SLayout
+
+    make_mapper(tmp_path / "m.safetensors", SLayout.from_channels(8, {4: 4, 8: 4}), dataset["clip"])
+    r = cli(
+        "edit",
+        *cli_base(dataset, tmp_path),
+        "--set",
+        f"edit.mapper={tmp_path / 'm.safetensors'}",
+        "--target",
+        "smiling face",
+    )
+    assert r.exit_code != 0 and "another S layout" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "edits").exists()
