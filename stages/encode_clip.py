@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from stages import images
 from stages.common import ClipRef, ExecutionConfig, resolve_device
@@ -45,15 +46,16 @@ class EncodeResult:
 def encode_image_block(
     manifest: RowStore,
     rows: slice,
-    prepare: Callable[[object], torch.Tensor],
-    forward: Callable[[torch.Tensor], dict[str, np.ndarray]],
+    prepare: Callable[[Image.Image], np.ndarray],
+    forward: Callable[[list[np.ndarray]], dict[str, np.ndarray]],
     batch_size: int,
     threads: int,
 ) -> tuple[dict[int, dict[str, np.ndarray]], np.ndarray, list[str]]:
     """Decode the manifest's OK rows of one block and run the model over them in batches.
 
-    prepare(PIL RGB image) -> model input [C, H, W] (runs in the decode threads);
-    forward(batch [B, C, H, W]) -> {name: [B, ...]}.
+    prepare(PIL RGB image) -> uint8 array [H, W, 3]: runs in the decode threads and uses
+    Pillow/numpy only (torch ops there would fight the model's OpenMP threads for cores);
+    forward(list of those arrays) -> {name: [B, ...]}: runs in the calling thread.
     Returns ({row offset: {name: row}}, status [n], problem lines).
     """
     n = rows.stop - rows.start
@@ -68,19 +70,19 @@ def encode_image_block(
 
     with images.SourceReader(root) as reader:
 
-        def load(k: int) -> tuple[int, torch.Tensor | None, str]:
+        def load(k: int) -> tuple[int, np.ndarray | None, str]:
             try:
                 img = images.decode_rgb(reader.read(str(sources[k])), max_pixels)
                 return k, prepare(img), ""
             except Exception as exc:  # noqa: BLE001 - a bad file is a row status
                 return k, None, str(exc) or type(exc).__name__
 
-        batch: list[tuple[int, torch.Tensor]] = []
+        batch: list[tuple[int, np.ndarray]] = []
 
         def flush() -> None:
             if not batch:
                 return
-            out = forward(torch.stack([t for _, t in batch]))
+            out = forward([a for _, a in batch])
             for j, (k, _) in enumerate(batch):
                 results[k] = {name: v[j] for name, v in out.items()}
                 status[k] = Status.OK
@@ -96,6 +98,44 @@ def encode_image_block(
                 flush()
         flush()
     return results, status, lines
+
+
+def clip_pixels(img: Image.Image, preprocessing: str, size: int) -> np.ndarray:
+    """Decode-thread half of the CLIP preprocessing (Pillow only) -> uint8 [H, W, 3].
+
+    'clip': resize the shortest side to `size` (bicubic) and center-crop size x size, as
+    open_clip's eval transform; 'deltaedit': the pixels as they are (pooled in the model
+    thread)."""
+    img = img.convert("RGB")
+    if preprocessing == "clip":
+        w, h = img.size
+        if (w, h) != (size, size):
+            if w <= h:
+                new = (size, int(size * h / w))
+            else:
+                new = (int(size * w / h), size)
+            if new != (w, h):
+                img = img.resize(new, Image.BICUBIC)
+            w, h = img.size
+            top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+            img = img.crop((left, top, left + size, top + size))
+    return np.asarray(img, dtype=np.uint8)
+
+
+def clip_inputs(clip, arrays: list[np.ndarray], preprocessing: str) -> torch.Tensor:
+    """Model-thread half: uint8 arrays -> model input [B, 3, S, S] (same-size images are
+    pooled together for 'deltaedit')."""
+    out: list[torch.Tensor | None] = [None] * len(arrays)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, a in enumerate(arrays):
+        by_shape.setdefault(a.shape, []).append(i)
+    for idx in by_shape.values():
+        x = torch.from_numpy(np.stack([arrays[i] for i in idx])).to(clip.device)
+        x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [b, 3, H, W] in [-1, 1]
+        x = clip.preprocess_images(x, preprocessing)
+        for j, i in enumerate(idx):
+            out[i] = x[j]
+    return torch.stack(out)  # type: ignore[arg-type]
 
 
 def assemble(
@@ -131,11 +171,12 @@ class _ClipTask:
         prep = self.clip.preprocessing
         rows = out.block_rows(block)
 
-        def prepare(img) -> torch.Tensor:
-            return clip.preprocess_pil([img], prep)[0]
+        def prepare(img: Image.Image) -> np.ndarray:
+            return clip_pixels(img, prep, clip.image_size)
 
-        def forward(x: torch.Tensor) -> dict[str, np.ndarray]:
+        def forward(arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
             with torch.no_grad():
+                x = clip_inputs(clip, arrays, prep)
                 return {"embed": clip.model.encode_image(x).float().cpu().numpy()}
 
         results, status, lines = encode_image_block(

@@ -45,11 +45,15 @@ def s_fingerprint(generator_fp: str, e4e_fp: str) -> str:
     return hashlib.sha256(f"{generator_fp}+{e4e_fp}".encode()).hexdigest()
 
 
+def e4e_pixels(img: Image.Image, size: int) -> np.ndarray:
+    """Decode-thread half (Pillow only): RGB, bilinear resize to size x size (no crop, as
+    the official transforms) -> uint8 [size, size, 3]."""
+    return np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
 def to_input(img: Image.Image, size: int) -> torch.Tensor:
-    """RGB PIL image -> [3, size, size] float in [-1, 1] (bilinear resize, no crop)."""
-    im = img.convert("RGB").resize((size, size), Image.BILINEAR)
-    t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3)
-    return t.permute(2, 0, 1).float() / 127.5 - 1.0
+    """RGB PIL image -> e4e input [3, size, size] float in [-1, 1]."""
+    return torch.from_numpy(e4e_pixels(img, size)).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 @dataclass(frozen=True)
@@ -71,12 +75,14 @@ class _STask:
         enc = load_e4e_ref(self.e4e, self.device)
         rows = out.block_rows(block)
 
-        def prepare(img: Image.Image) -> torch.Tensor:
-            return to_input(img, enc.input_size)
+        def prepare(img: Image.Image) -> np.ndarray:
+            return e4e_pixels(img, enc.input_size)
 
-        def forward(x: torch.Tensor) -> dict[str, np.ndarray]:
+        def forward(arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+            x = torch.from_numpy(np.stack(arrays)).to(self.device)
+            x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [B, 3, S, S] in [-1, 1]
             with torch.no_grad():
-                wplus = enc(x.to(self.device))  # [B, L, W]
+                wplus = enc(x)  # [B, L, W]
                 s = G.w_to_s(wplus)  # [B, D]
             out = {"s": s.float().cpu().numpy()}
             if self.keep_wplus:

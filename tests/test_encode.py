@@ -200,3 +200,18 @@ def test_prefetch_map_keeps_order_and_bounds_lookahead():
         out.append(v)
     assert out == [i * i for i in range(20)]
     assert list(prefetch_map(load, [1, 2], threads=0, ahead=1)) == [1, 4]
+
+
+def test_encode_clip_with_standard_clip_preprocessing_matches_the_model(tmp_path):
+    ds = make_dataset(tmp_path)
+    ref = ClipRef(preprocessing="clip")
+    result = run_encode_clip(EncodeClipConfig(dataset=str(ds)), ref, EXEC, progress=False)
+    out = RowStore.open(result.out)
+    assert out.attrs["preprocessing"] == "clip"
+    clip = load_clip(ref.name, seed=ref.seed)
+    sources = RowStore.open(str(ds / "manifest.zarr")).read("source").tolist()
+    for name in ("img05.png", "img06.jpg", "cmyk.jpg"):  # non-square, gray, CMYK
+        img = Image.open(ds.parent / "src" / name).convert("RGB")
+        expect = clip.encode_pil([img], "clip")[0].numpy()
+        got = out.read("embed")[sources.index(name)]
+        np.testing.assert_allclose(got, expect, rtol=1e-3, atol=1e-4)
