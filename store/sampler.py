@@ -5,14 +5,15 @@ i and j are drawn independently and uniformly over the union of all sources' row
 
 - "memory": the selected s columns and c of every row fit `memory_budget`: load them
   once, draw pairs by fancy indexing.
-- "sharded": a rotating set of K resident shards (blocks of one source) fills the budget.
-  Pairs are drawn uniformly over the resident rows; every `pairs_per_rotation` pairs the
-  oldest resident shard is replaced by the next shard of a random permutation of all
-  shards (a new permutation per epoch). Every shard is resident for the same number of
-  draws, so each row's chance is the same when shards hold the same number of rows
-  (approximately so when ok-row counts differ). Any two distinct shards are co-resident
-  equally often (labels are exchangeable); a j in i's own shard is thinned so that over a
-  run the pair (shard_i, shard_j) follows the product of the marginals: j independent of i.
+- "sharded": K resident shards (blocks of one source) plus one prefetch buffer fill the
+  budget. Candidate pairs are drawn over the resident shards; every `pairs_per_rotation`
+  candidates (default 2 x rows per shard: each resident row is drawn about 4 times) the
+  oldest shard is replaced by the prefetched one, read in a background thread, taken from
+  a random permutation of all shards (a new one per epoch). Each shard stays resident for
+  K rotations, so every row has the same chance; any two distinct shards are co-resident
+  equally often; candidates are padded to full shards and same-shard pairs thinned by
+  (K-1)/(N-1), so over a run (shard_i, shard_j) follows the product of the marginals: j is
+  independent of i in expectation (pairs of one step share the resident set).
 
 Deterministic given the seed; `state_dict()` / `load_state_dict()` continue the exact
 same sequence in a resumed trainer.
@@ -20,6 +21,7 @@ same sequence in a resumed trainer.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,6 +97,7 @@ class PairSampler:
         )
         self._rng = np.random.default_rng(self.seed)
         self._batches = 0
+        self._scratch_bufs: dict[int, np.ndarray] = {}
         need_memory = self.n_rows * self._row_bytes + self._load_overhead
         mode = force_mode or ("memory" if need_memory <= self.memory_budget else "sharded")
         if mode not in ("memory", "sharded"):
@@ -162,15 +165,38 @@ class PairSampler:
         return units
 
     def _read_unit(self, u: _Unit, s_out: np.ndarray, c_out: np.ndarray) -> None:
+        """Rows u.local of the unit's block, s columns selected, into s_out / c_out."""
         src = self.sources[u.source]
-        s_block = src.s.read(src.s_name, slice(u.start, u.stop))
-        if self.s_columns is not None:
-            s_out[: u.local.size] = s_block[np.ix_(u.local, self.s_columns)]
+        n = u.local.size
+        b = u.start // src.s.rows_per_shard
+        full = n == u.stop - u.start  # every row of the block is sampled
+        if full and self.s_columns is None:
+            src.s.read_block_into(src.s_name, b, s_out)
         else:
-            s_out[: u.local.size] = s_block[u.local]
-        del s_block
-        c_block = src.c.read(src.c_name, slice(u.start, u.stop))
-        c_out[: u.local.size] = c_block[u.local]
+            scratch = self._scratch(u.stop - u.start, self._s_full)
+            src.s.read_block_into(src.s_name, b, scratch)
+            if self.s_columns is not None:
+                rows = scratch[: u.stop - u.start] if full else scratch[u.local]
+                np.take(rows, self.s_columns, axis=1, out=s_out[:n])
+            else:
+                np.take(scratch, u.local, axis=0, out=s_out[:n])
+        if full:
+            src.c.read_block_into(src.c_name, b, c_out)
+        else:
+            scratch = self._scratch(u.stop - u.start, self._c_full)
+            src.c.read_block_into(src.c_name, b, scratch)
+            np.take(scratch, u.local, axis=0, out=c_out[:n])
+
+    def _scratch(self, rows: int, width: int) -> np.ndarray:
+        """A reused [rows, width] float32 buffer (one per width) for blocks before selection."""
+        buf = self._scratch_bufs.get(width)
+        if buf is None or buf.shape[0] < rows:
+            buf = np.empty(
+                (max(rows, max(src.s.rows_per_shard for src in self.sources)), width),
+                dtype=np.float32,
+            )
+            self._scratch_bufs[width] = buf
+        return buf[:rows]
 
     def _load_all(self) -> None:
         self._s_all = np.empty((self.n_rows, self.s_dim), dtype=np.float32)
@@ -181,33 +207,43 @@ class PairSampler:
 
     def _init_sharded(self, pairs_per_rotation: int | None) -> None:
         self._unit_list = self._units()
+        n_units = len(self._unit_list)
         cap = max(u.local.size for u in self._unit_list)
         slot_bytes = cap * self._row_bytes
-        k = (self.memory_budget - self._load_overhead) // slot_bytes
-        k = int(min(k, len(self._unit_list)))
-        need = 2 * slot_bytes + self._load_overhead
-        if k < 2 and len(self._unit_list) >= 2:
+        # K resident shards + 1 spare buffer that the next shard is prefetched into
+        k = int(min((self.memory_budget - self._load_overhead) // slot_bytes - 1, n_units - 1))
+        if k < 2:
+            need = 3 * slot_bytes + self._load_overhead
             raise StoreError(
                 f"PairSampler: memory_budget {self.memory_budget} B holds fewer than 2 shards "
-                f"({slot_bytes} B each + {self._load_overhead} B to load one); raise the budget "
-                f"to at least {need} B or write the stores with fewer rows_per_shard"
+                f"({slot_bytes} B each, one more to prefetch, + {self._load_overhead} B to load "
+                f"one); raise the budget to at least {need} B or use fewer rows_per_shard"
             )
-        k = max(k, 1)
         self.shards_resident = k
-        self.pairs_per_rotation = int(pairs_per_rotation or cap)
-        n_units = len(self._unit_list)
-        self._same_accept = (k - 1) / (n_units - 1) if n_units > 1 else 1.0
-        self._s_buf = np.empty((k, cap, self.s_dim), dtype=np.float32)
-        self._c_buf = np.empty((k, cap, self.c_dim), dtype=np.float32)
-        self._slots = [-1] * k  # unit index held by each slot
+        self.pairs_per_rotation = int(pairs_per_rotation or 2 * cap)
+        self._same_accept = (k - 1) / (n_units - 1)
+        self._s_buf = np.empty((k + 1, cap, self.s_dim), dtype=np.float32)
+        self._c_buf = np.empty((k + 1, cap, self.c_dim), dtype=np.float32)
+        self._slots = [-1] * k  # unit held by each slot
+        self._slot_buf = np.arange(k, dtype=np.int64)  # buffer index of each slot
+        self._spare = k  # buffer the next unit is prefetched into
         self._counts = np.zeros(k, dtype=np.int64)
         self._fifo = 0
         self._pairs_since = 0
         self._order: list[int] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pair-sampler")
+        self._future: Future | None = None
         for slot in range(k):
-            self._load_slot(slot, self._next_unit())
+            unit = self._next_unit()
+            u = self._unit_list[unit]
+            self._read_unit(u, self._s_buf[slot], self._c_buf[slot])
+            self._slots[slot] = unit
+            self._counts[slot] = u.local.size
+        self._next = self._next_unit()
+        self._prefetch()
 
     def _next_unit(self) -> int:
+        """Next unit of the epoch permutation that is not resident (new permutation if none)."""
         resident = set(self._slots)
         for pos, u in enumerate(self._order):
             if u not in resident:
@@ -216,18 +252,32 @@ class PairSampler:
         self._order.extend(self._rng.permutation(len(self._unit_list)).tolist())
         return self._next_unit()
 
-    def _load_slot(self, slot: int, unit: int) -> None:
-        u = self._unit_list[unit]
-        self._read_unit(u, self._s_buf[slot], self._c_buf[slot])
-        self._slots[slot] = unit
-        self._counts[slot] = u.local.size
+    def _prefetch(self) -> None:
+        """Start reading unit self._next into the spare buffer (background thread)."""
+        u = self._unit_list[self._next]
+        spare = self._spare
+        self._future = self._executor.submit(
+            self._read_unit, u, self._s_buf[spare], self._c_buf[spare]
+        )
 
     def _rotate(self) -> None:
+        """Replace the oldest resident shard by the prefetched one; prefetch the next."""
+        assert self._future is not None
+        self._future.result()
         slot = self._fifo
         self._fifo = (self._fifo + 1) % len(self._slots)
-        self._slots[slot] = -1
-        self._counts[slot] = 0
-        self._load_slot(slot, self._next_unit())
+        self._spare, self._slot_buf[slot] = int(self._slot_buf[slot]), self._spare
+        self._slots[slot] = self._next
+        self._counts[slot] = self._unit_list[self._next].local.size
+        self._next = self._next_unit()
+        self._prefetch()
+
+    def close(self) -> None:
+        """Stop the prefetch thread (the sampler cannot draw sharded batches afterwards)."""
+        if self.mode == "sharded":
+            if self._future is not None:
+                self._future.result()
+            self._executor.shutdown(wait=True)
 
     # ------------------------------------------------------------------ draw
     @property
@@ -235,7 +285,7 @@ class PairSampler:
         """Bytes of the sampler's data buffers (what it holds between batches)."""
         if self.mode == "memory":
             return int(self._s_all.nbytes + self._c_all.nbytes)
-        return int(self._s_buf.nbytes + self._c_buf.nbytes)
+        return int(self._s_buf.nbytes + self._c_buf.nbytes)  # K slots + the prefetch buffer
 
     def next_batch(self, return_index: bool = False) -> dict[str, np.ndarray]:
         """{"s_i", "c_i", "s_j", "c_j"} float32; with return_index also "i", "j" (int64
@@ -251,43 +301,65 @@ class PairSampler:
                 "c_j": self._c_all[j],
             }
         else:
-            starts = np.concatenate([[0], np.cumsum(self._counts)])
-            pool = int(starts[-1])
-            gi = self._rng.integers(pool, size=b)
-            si = np.searchsorted(starts, gi, side="right") - 1
-            gj = self._rng.integers(pool, size=b)
-            sj = np.searchsorted(starts, gj, side="right") - 1
-            # j from i's own shard is K/N times likelier than under independence (a shard is
-            # always co-resident with itself): keep such a j with probability (K-1)/(N-1),
-            # else redraw, so that over a run P(shard_i, shard_j) is the product of marginals.
-            redo = (sj == si) & (self._rng.random(b) >= self._same_accept)
-            while redo.any():
-                n_redo = int(redo.sum())
-                gj[redo] = self._rng.integers(pool, size=n_redo)
-                sj[redo] = np.searchsorted(starts, gj[redo], side="right") - 1
-                redo[redo] = (sj[redo] == si[redo]) & (
-                    self._rng.random(n_redo) >= self._same_accept
-                )
-            ri, rj = gi - starts[si], gj - starts[sj]
-            out = {
-                "s_i": self._s_buf[si, ri],
-                "c_i": self._c_buf[si, ri],
-                "s_j": self._s_buf[sj, rj],
-                "c_j": self._c_buf[sj, rj],
-            }
-            if return_index:
-                firsts = np.array([self._unit_list[u].first for u in self._slots], np.int64)
-                i, j = firsts[si] + ri, firsts[sj] + rj
-            self._pairs_since += b
-            while self._pairs_since >= self.pairs_per_rotation:
-                self._pairs_since -= self.pairs_per_rotation
-                if len(self._unit_list) > len(self._slots):
-                    self._rotate()
+            out, i, j = self._draw_sharded(b, return_index)
         self._batches += 1
         if return_index:
             out["i"] = np.asarray(i, dtype=np.int64)
             out["j"] = np.asarray(j, dtype=np.int64)
         return out
+
+    def _draw_sharded(
+        self, b: int, return_index: bool
+    ) -> tuple[dict[str, np.ndarray], np.ndarray | None, np.ndarray | None]:
+        """b pairs from the resident shards.
+
+        Candidates (i, j) are uniform over K * cap virtual positions (each slot padded to cap
+        rows) and kept when both are real rows, so every row of every step carries the same
+        weight whatever the pool holds; a same-shard candidate is kept with probability
+        (K-1)/(N-1), as any two distinct shards are co-resident (K-1)/(N-1) times as often as a
+        shard with itself. The rotation clock counts candidates.
+        """
+        k, cap = len(self._slots), self._s_buf.shape[1]
+        s_flat = self._s_buf.reshape(-1, self.s_dim)
+        c_flat = self._c_buf.reshape(-1, self.c_dim)
+        out = {
+            "s_i": np.empty((b, self.s_dim), np.float32),
+            "c_i": np.empty((b, self.c_dim), np.float32),
+            "s_j": np.empty((b, self.s_dim), np.float32),
+            "c_j": np.empty((b, self.c_dim), np.float32),
+        }
+        gi = np.empty(b, np.int64) if return_index else None
+        gj = np.empty(b, np.int64) if return_index else None
+        filled = 0
+        while filled < b:
+            m = min(self.pairs_per_rotation - self._pairs_since, 2 * (b - filled) + 16)
+            vi = self._rng.integers(k * cap, size=m)
+            vj = self._rng.integers(k * cap, size=m)
+            u = self._rng.random(m)
+            si, ri = np.divmod(vi, cap)
+            sj, rj = np.divmod(vj, cap)
+            keep = (ri < self._counts[si]) & (rj < self._counts[sj])
+            keep &= (si != sj) | (u < self._same_accept)
+            idx = np.flatnonzero(keep)[: b - filled]
+            used = m if filled + idx.size < b else int(idx[-1]) + 1
+            if idx.size:
+                si, ri, sj, rj = si[idx], ri[idx], sj[idx], rj[idx]
+                fi = self._slot_buf[si] * cap + ri  # rows of the flat [(K+1) * cap, .] buffers
+                fj = self._slot_buf[sj] * cap + rj
+                sl = slice(filled, filled + idx.size)
+                s_flat.take(fi, axis=0, out=out["s_i"][sl])
+                c_flat.take(fi, axis=0, out=out["c_i"][sl])
+                s_flat.take(fj, axis=0, out=out["s_j"][sl])
+                c_flat.take(fj, axis=0, out=out["c_j"][sl])
+                if gi is not None and gj is not None:
+                    firsts = np.array([self._unit_list[x].first for x in self._slots], np.int64)
+                    gi[sl], gj[sl] = firsts[si] + ri, firsts[sj] + rj
+                filled += idx.size
+            self._pairs_since += used
+            if self._pairs_since >= self.pairs_per_rotation:
+                self._pairs_since = 0
+                self._rotate()
+        return out, gi, gj
 
     def global_row(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(source index, store row) of global positions g (as returned in "i"/"j")."""
@@ -316,6 +388,7 @@ class PairSampler:
                 pairs_since=self._pairs_since,
                 pairs_per_rotation=self.pairs_per_rotation,
                 order=list(self._order),
+                next=self._next,
             )
         return state
 
@@ -336,12 +409,22 @@ class PairSampler:
                     "PairSampler state was made with other shards or another memory budget; "
                     "resume with the same stores and memory budget"
                 )
+            if self._future is not None:
+                self._future.result()
             for slot, unit in enumerate(state["slots"]):
-                if unit >= 0 and self._slots[slot] != unit:
-                    self._load_slot(slot, int(unit))
+                unit = int(unit)
+                if self._slots[slot] != unit:
+                    u = self._unit_list[unit]
+                    buf = int(self._slot_buf[slot])
+                    self._read_unit(u, self._s_buf[buf], self._c_buf[buf])
+                    self._slots[slot] = unit
+                    self._counts[slot] = u.local.size
             self._fifo = int(state["fifo"])
             self._pairs_since = int(state["pairs_since"])
             self.pairs_per_rotation = int(state["pairs_per_rotation"])
             self._order = [int(u) for u in state["order"]]
+            if int(state["next"]) != self._next:
+                self._next = int(state["next"])
+                self._prefetch()
         self._rng.bit_generator.state = state["rng"]
         self._batches = int(state["batches"])

@@ -213,3 +213,49 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
             call()
         errors.append(str(info.value))
     assert all("\n" not in e and len(e) < 400 for e in errors)
+
+
+def test_fast_local_paths_match_zarr_byte_for_byte(tmp_path: Path, monkeypatch) -> None:
+    """Local uncompressed shards are written and read without zarr's codec pipeline; the
+    files must be exactly what zarr writes, and reads must equal zarr's reads."""
+    import os
+
+    import store.rowstore as rowstore
+
+    monkeypatch.setattr(rowstore, "_CHUNK_TARGET_BYTES", 64)  # several inner chunks per shard
+    specs = {"s": ArraySpec((5,), "float32"), "k": ArraySpec((2,), "int32", False)}
+    fast = RowStore.create(str(tmp_path / "fast.zarr"), 97, 40, specs, {"fingerprint": "f"})
+    slow = RowStore.create(str(tmp_path / "slow.zarr"), 97, 40, specs, {"fingerprint": "f"})
+    assert fast.array("s").chunks == (2, 5)  # 20 inner chunks; the last block pads one row
+    monkeypatch.setattr(slow, "_write_shard_file", lambda *args: False)
+    monkeypatch.setattr(slow, "_local_done_root", lambda: None)
+    rng = np.random.default_rng(0)
+    for b in range(fast.n_blocks):
+        sl = fast.block_rows(b)
+        n = sl.stop - sl.start
+        data = {
+            "s": rng.standard_normal((n, 5)).astype(np.float32),
+            "k": rng.integers(0, 9, (n, 2)).astype(np.int32),
+        }
+        status = np.full(n, Status.OK, np.uint8)
+        fast.write_block(b, data, status)
+        slow.write_block(b, data, status)
+    files = {}
+    for root, _, names in os.walk(tmp_path / "fast.zarr"):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), tmp_path / "fast.zarr")
+            files[rel] = (tmp_path / "fast.zarr" / rel).read_bytes()
+    assert len(files) > 10
+    for rel, content in files.items():
+        assert (tmp_path / "slow.zarr" / rel).read_bytes() == content, rel
+    reopened = RowStore.open(str(tmp_path / "fast.zarr"), require_complete=True)
+    for b in range(reopened.n_blocks):
+        out = np.full((40, 5), -1, np.float32)
+        reopened.read_block_into("s", b, out)
+        sl = reopened.block_rows(b)
+        np.testing.assert_array_equal(out[: sl.stop - sl.start], reopened.read("s", sl))
+    # a block never written reads as the fill value, through zarr
+    partial = RowStore.create(str(tmp_path / "p.zarr"), 97, 40, specs, {})
+    out = np.full((40, 5), -1, np.float32)
+    partial.read_block_into("s", 1, out)
+    assert (out == 0).all()
