@@ -191,7 +191,7 @@ def test_local_store_gives_the_same_batches_as_memory(tmp_path) -> None:
             c.write_block(b, {"e": c_data[sl]}, np.full(sl.stop - sl.start, Status.OK))
         sources.append(SamplerSource(s, "s", c, "e", ok_rows(s, c)))
     cols = np.array([1, 4, 8])
-    for budget in (10**8, 1_065_000):
+    for budget in (10**8, 1_062_500):
         local, memory = (
             PairSampler([src], 16, seed=2, memory_budget=budget, s_columns=cols) for src in sources
         )
