@@ -24,6 +24,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -502,7 +503,6 @@ def run(
         targets = prepare_targets(edit, neutral, clip, cfg.templates, _dirs(relevance), layout)
         prepared.append((edit, neutral, targets))
 
-    conv_index = torch.as_tensor(layout.conv_index(), dtype=torch.long)
     selected = np.zeros(s_store.n_rows, dtype=bool)
     selected[rows] = True
     results = []
@@ -526,24 +526,36 @@ def run(
             s_std_conv = torch.as_tensor(relevance.s_std[layout.conv_index()])
             gd = global_direction_delta(relevance.directions, s_std_conv, targets)
         blocks = out.pending_blocks()
-        n_edit = n_skip = 0
-        bar = tqdm(blocks, desc=f"edit {edit.name}", unit="block", disable=not progress)
-        for b in bar:
+        n_edit = 0
+
+        def load(b: int, out=out) -> tuple[int, np.ndarray, np.ndarray | None, np.ndarray]:
             sl = out.block_rows(b)
-            block_sel = selected[sl]
-            s_new = np.zeros((sl.stop - sl.start, layout.dim), dtype=np.float32)
-            status = np.full(sl.stop - sl.start, int(Status.SKIPPED), dtype=np.uint8)
-            if block_sel.any():
-                idx = np.nonzero(block_sel)[0]
-                s_blk = s_store.read("s", rows=sl)[idx]
-                c_blk = c_store.read("embed", rows=sl)[idx] if mapper is not None else None
-                s_new[idx] = edit_rows(
-                    s_blk, c_blk, targets, conv_index, mapper, gd, execution.batch_size, device
-                )
-                status[idx] = int(Status.OK)
-            out.write_block(b, {"s": s_new}, status)
-            n_edit += int(block_sel.sum())
-            n_skip += int((~block_sel).sum())
+            idx = np.flatnonzero(selected[sl])
+            if len(idx) == 0:
+                return b, idx, None, np.zeros((0, layout.dim), np.float32)
+            c_blk = c_store.read("embed", rows=sl)[idx] if mapper is not None else None
+            return b, idx, c_blk, s_store.read("s", rows=sl)[idx]
+
+        bar = tqdm(total=len(blocks), desc=f"edit {edit.name}", unit="block", disable=not progress)
+        # read the next block and write the previous one while the mapper runs
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            writing = None
+            for b, idx, c_blk, s_blk in prefetch(pool, load, blocks):
+                sl = out.block_rows(b)
+                s_new = np.zeros((sl.stop - sl.start, layout.dim), dtype=np.float32)
+                status = np.full(sl.stop - sl.start, int(Status.SKIPPED), dtype=np.uint8)
+                if len(idx):
+                    s_new[idx] = edit_rows(
+                        s_blk, c_blk, targets, layout, mapper, gd, execution.batch_size, device
+                    )
+                    status[idx] = int(Status.OK)
+                if writing is not None:
+                    writing.result()
+                writing = pool.submit(out.write_block, b, {"s": s_new}, status)
+                n_edit += len(idx)
+                bar.update(1)
+            if writing is not None:
+                writing.result()
         bar.close()
         dt = time.perf_counter() - t0
         total = out.status()
@@ -556,29 +568,51 @@ def run(
     return results
 
 
-@torch.no_grad()
+def conv_runs(layout: SLayout) -> list[tuple[slice, slice]]:
+    """(slice of flat S, slice of conv-only S) for each conv layer: contiguous runs, so
+    adding the delta is a few slice adds instead of a gather/scatter."""
+    runs, pos = [], 0
+    for la in layout.conv_layers:
+        runs.append((slice(la.offset, la.offset + la.channels), slice(pos, pos + la.channels)))
+        pos += la.channels
+    return runs
+
+
+@torch.inference_mode()
 def edit_rows(
     s: np.ndarray,
     c: np.ndarray | None,
     targets: Sequence[TargetDelta],
-    conv_index: torch.Tensor,
+    layout: SLayout,
     mapper: Any | None,
     gd_delta: torch.Tensor | None,
     batch_size: int,
     device: str = "cpu",
 ) -> np.ndarray:
-    """s' for rows s [n, D] (c [n, E] for the mapper) in batches."""
-    out = np.empty_like(s, dtype=np.float32)
-    ci = conv_index.to(device)
+    """s' [n, D] for rows s [n, D] (c [n, E] for the mapper), in batches of batch_size."""
+    out = np.array(s, dtype=np.float32, copy=True)
+    runs = conv_runs(layout)
+    idx = layout.conv_index()
     for i in range(0, len(s), batch_size):
-        sb = torch.as_tensor(s[i : i + batch_size], dtype=torch.float32, device=device)
+        rows = slice(i, i + batch_size)
         if mapper is not None:
-            cb = torch.as_tensor(c[i : i + batch_size], dtype=torch.float32, device=device)
-            delta = mapper_delta(mapper, sb[:, ci], cb, targets)
+            s_conv = torch.from_numpy(np.ascontiguousarray(out[rows][:, idx])).to(device)
+            cb = torch.as_tensor(c[rows], dtype=torch.float32, device=device)
+            delta = mapper_delta(mapper, s_conv, cb, targets).float().cpu().numpy()
         else:
-            delta = gd_delta.to(device).expand(len(sb), -1)
-        out[i : i + batch_size] = apply_delta(sb, delta, ci).cpu().numpy()
+            delta = gd_delta.float().cpu().numpy()[None]
+        for flat, conv in runs:
+            out[rows, flat] += delta[:, conv]
     return out
+
+
+def prefetch(pool: ThreadPoolExecutor, load: Callable, items: Sequence) -> Any:
+    """load(item) for each item in order, the next one read while the caller works."""
+    nxt = pool.submit(load, items[0]) if len(items) else None
+    for k in range(len(items)):
+        cur = nxt.result()
+        nxt = pool.submit(load, items[k + 1]) if k + 1 < len(items) else None
+        yield cur
 
 
 def check_relevance(rel: Relevance, layout: SLayout, clip: Any) -> None:
