@@ -177,15 +177,15 @@ class PairSampler:
             src.s.read_block_into(src.s_name, b, scratch)
             if self.s_columns is not None:
                 rows = scratch[: u.stop - u.start] if full else scratch[u.local]
-                np.take(rows, self.s_columns, axis=1, out=s_out[:n])
+                np.take(rows, self.s_columns, axis=1, out=s_out[:n], mode="clip")
             else:
-                np.take(scratch, u.local, axis=0, out=s_out[:n])
+                np.take(scratch, u.local, axis=0, out=s_out[:n], mode="clip")
         if full:
             src.c.read_block_into(src.c_name, b, c_out)
         else:
             scratch = self._scratch(u.stop - u.start, self._c_full)
             src.c.read_block_into(src.c_name, b, scratch)
-            np.take(scratch, u.local, axis=0, out=c_out[:n])
+            np.take(scratch, u.local, axis=0, out=c_out[:n], mode="clip")
 
     def _scratch(self, rows: int, width: int) -> np.ndarray:
         """A reused [rows, width] float32 buffer (one per width) for blocks before selection."""
@@ -347,10 +347,10 @@ class PairSampler:
                 fi = self._slot_buf[si] * cap + ri  # rows of the flat [(K+1) * cap, .] buffers
                 fj = self._slot_buf[sj] * cap + rj
                 sl = slice(filled, filled + idx.size)
-                s_flat.take(fi, axis=0, out=out["s_i"][sl])
-                c_flat.take(fi, axis=0, out=out["c_i"][sl])
-                s_flat.take(fj, axis=0, out=out["s_j"][sl])
-                c_flat.take(fj, axis=0, out=out["c_j"][sl])
+                s_flat.take(fi, axis=0, out=out["s_i"][sl], mode="clip")
+                c_flat.take(fi, axis=0, out=out["c_i"][sl], mode="clip")
+                s_flat.take(fj, axis=0, out=out["s_j"][sl], mode="clip")
+                c_flat.take(fj, axis=0, out=out["c_j"][sl], mode="clip")
                 if gi is not None and gj is not None:
                     firsts = np.array([self._unit_list[x].first for x in self._slots], np.int64)
                     gi[sl], gj[sl] = firsts[si] + ri, firsts[sj] + rj
