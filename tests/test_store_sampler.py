@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tracemalloc
 import uuid
 
@@ -113,7 +114,7 @@ def test_deterministic_and_resumable(budget: int) -> None:
     assert first.next_batch()["s_i"].shape == (32, 3)
     for _ in range(20):
         first.next_batch()
-    state = first.state_dict()
+    state = json.loads(json.dumps(first.state_dict()))  # plain data, saved with a checkpoint
     rest = [first.next_batch() for _ in range(30)]
     again = PairSampler([a, b], 32, seed=7, memory_budget=budget, s_columns=cols)
     again.load_state_dict(state)
