@@ -150,11 +150,12 @@ def fir_kernel(k: tuple[int, ...]) -> Tensor:
     return k2 / k2.sum() * 4
 
 
-def fir_filter(x: Tensor, k: Tensor, pad: tuple[int, int]) -> Tensor:
-    """upfirdn2d with up=down=1: pad (pad0, pad1) on both axes, convolve with k (valid)."""
+def fir_filter(x: Tensor, k: Tensor, pad: int) -> Tensor:
+    """upfirdn2d with up=down=1 and equal padding: pad `pad` on every side, convolve
+    with k (depthwise, valid)."""
     c = x.shape[1]
     kf = torch.flip(k, (0, 1))[None, None].expand(c, 1, *k.shape).to(x.dtype)
-    return F.conv2d(F.pad(x, (pad[0], pad[1], pad[0], pad[1])), kf, groups=c)
+    return F.conv2d(x, kf, padding=pad, groups=c)
 
 
 def fir_upsample2(x: Tensor, k: Tensor) -> Tensor:
@@ -192,7 +193,11 @@ class EqualLinear(nn.Module):
 
 
 class ModulatedConv(nn.Module):
-    """Modulated k x k conv. `weight` [1, C_out, C_in, k, k]; `modulation` w -> s [B, C_in]."""
+    """Modulated k x k conv. `weight` [1, C_out, C_in, k, k]; `modulation` w -> s [B, C_in].
+
+    The weight is shared by the batch; the style scales the activations and the
+    demodulation factor is returned for the caller to apply (fused with its epilogue).
+    """
 
     def __init__(self, c_in: int, c_out: int, k: int, w_dim: int, demodulate: bool, upsample: bool):
         super().__init__()
@@ -203,57 +208,83 @@ class ModulatedConv(nn.Module):
         self.upsample = upsample
         self.padding = k // 2
 
-    def forward(self, x: Tensor, s: Tensor, fir: Tensor) -> Tensor:
-        # x [B, C_in, H, W], s [B, C_in] -> [B, C_out, H', W']
-        w = self.weight[0] * self.scale  # [C_out, C_in, k, k], shared by the batch
-        x = x * s[:, :, None, None]
+    def prepared(self) -> tuple[Tensor, Tensor]:
+        """(conv weight as the conv op takes it, sum_{kh,kw} w^2 [C_out, C_in]) with
+        w = weight * 1/sqrt(fan_in); cached while the weight is unchanged and no
+        gradient is wanted."""
+        p = self.weight
+        key = (p._version, p.data_ptr(), p.device, p.dtype)
+        cache = getattr(self, "_prep", None)
+        fresh = torch.is_grad_enabled() and p.requires_grad
+        if not fresh and cache is not None and cache[0] == key:
+            return cache[1], cache[2]
+        w = p[0] * self.scale  # [C_out, C_in, k, k]
+        wsq = w.square().sum(dim=(2, 3))  # [C_out, C_in]
         if self.upsample:
-            out = F.conv_transpose2d(x, w.transpose(0, 1), stride=2)  # [B, C_out, 2H+1, 2W+1]
+            w = w.transpose(0, 1)  # conv_transpose2d layout [C_in, C_out, k, k]
+            if not fresh:
+                w = w.contiguous()
+        if not fresh:
+            self._prep = (key, w, wsq)
+        return w, wsq
+
+    def forward(self, x: Tensor, s: Tensor, fir: Tensor) -> tuple[Tensor, Tensor | None]:
+        """x [B, C_in, H, W], s [B, C_in] -> (conv(x * s) [B, C_out, H', W'], demod [B, C_out])."""
+        w, wsq = self.prepared()
+        x = x * s[:, :, None, None].to(x.dtype)
+        if self.upsample:  # transposed conv (H -> 2H + 1), then blur (-> 2H)
+            out = F.conv_transpose2d(x, w, stride=2)
+            out = fir_filter(out, fir, 1)
         else:
             out = F.conv2d(x, w, padding=self.padding)
-        if self.demodulate:
-            wsq = w.square().sum(dim=(2, 3))  # [C_out, C_in]
+        demod = None
+        if self.demodulate:  # rsqrt(sum_{i,kh,kw} (w[o, i] * s[b, i])^2 + 1e-8)
             demod = torch.rsqrt(F.linear(s.square(), wsq) + 1e-8)  # [B, C_out]
-            out = out * demod[:, :, None, None]
-        if self.upsample:
-            out = fir_filter(out, fir, (1, 1))  # [B, C_out, 2H, 2W]
-        return out
+        return out, demod
 
 
 class NoiseInjection(nn.Module):
     def __init__(self):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x: Tensor, noise: Tensor | None) -> Tensor:
-        return x if noise is None else x + self.weight * noise
+        self.weight = nn.Parameter(torch.zeros(1))  # noise strength
 
 
 class BiasLeakyReLU(nn.Module):
-    def __init__(self, channels: int, clamp: float | None):
+    def __init__(self, channels: int):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(channels))
-        self.clamp = clamp
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = F.leaky_relu(x + self.bias[None, :, None, None], 0.2) * SQRT2
-        return out if self.clamp is None else out.clamp(-self.clamp, self.clamp)
 
 
 class StyledConv(nn.Module):
-    """conv (modulated, optional upsample) -> noise -> bias + lrelu."""
+    """modulated conv (optional upsample) -> * demod + noise -> + bias, lrelu 0.2 * sqrt 2."""
 
     def __init__(self, c_in: int, c_out: int, w_dim: int, upsample: bool, clamp: float | None):
         super().__init__()
         self.conv = ModulatedConv(c_in, c_out, 3, w_dim, demodulate=True, upsample=upsample)
         self.noise = NoiseInjection()
-        self.activate = BiasLeakyReLU(c_out, clamp)
+        self.activate = BiasLeakyReLU(c_out)
+        self.clamp = clamp
 
     def forward(self, x: Tensor, s: Tensor, noise: Tensor | None, fir: Tensor) -> Tensor:
-        return self.activate(self.noise(self.conv(x, s, fir), noise))
+        out, demod = self.conv(x, s, fir)
+        # lrelu(a) * sqrt2 = lrelu(sqrt2 * a): one fused multiply-add, then the activation
+        shift = self.activate.bias[None, :, None, None]  # [1, C, 1, 1]
+        if noise is not None:  # bias + strength * noise, built in NHWC order: [1|B, C, H, W]
+            nb, _, h, w = noise.shape
+            shift = (
+                self.activate.bias.view(1, 1, 1, -1) + (self.noise.weight * noise).view(nb, h, w, 1)
+            ).permute(0, 3, 1, 2)
+        out = torch.addcmul(shift * SQRT2, out, (demod * SQRT2)[:, :, None, None].to(out.dtype))
+        if torch.is_grad_enabled() and out.requires_grad:
+            out = F.leaky_relu(out, 0.2)
+        else:
+            out = F.leaky_relu_(out, 0.2)
+        return out if self.clamp is None else out.clamp(-self.clamp, self.clamp)
 
 
 class ToRGB(nn.Module):
+    """1x1 modulated conv without demodulation, + bias, + upsampled skip."""
+
     def __init__(self, c_in: int, w_dim: int, clamp: float | None):
         super().__init__()
         self.conv = ModulatedConv(c_in, 3, 1, w_dim, demodulate=False, upsample=False)
@@ -261,7 +292,13 @@ class ToRGB(nn.Module):
         self.clamp = clamp
 
     def forward(self, x: Tensor, s: Tensor, skip: Tensor | None, fir: Tensor) -> Tensor:
-        rgb = self.conv(x, s, fir) + self.bias
+        B, C, H, W = x.shape
+        # per-sample 1x1 weights are tiny [B, C, 3]: fold s into them, one batched matmul
+        w = self.conv.weight[0, :, :, 0, 0] * self.conv.scale  # [3, C]
+        wb = (s[:, :, None] * w.t()[None]).to(x.dtype)  # [B, C, 3]
+        xl = x.permute(0, 2, 3, 1).reshape(B, H * W, C)  # a view when x is channels_last
+        rgb = torch.baddbmm(self.bias.view(1, 1, 3).to(x.dtype), xl, wb)  # [B, HW, 3]
+        rgb = rgb.view(B, H, W, 3).permute(0, 3, 1, 2)  # [B, 3, H, W]
         if self.clamp is not None:
             rgb = rgb.clamp(-self.clamp, self.clamp)
         return rgb if skip is None else rgb + fir_upsample2(skip, fir)
@@ -313,6 +350,7 @@ class Generator(nn.Module):
             c_prev = c
         self.register_buffer("fir", fir_kernel(config.blur_kernel), persistent=False)
         self.register_buffer("latent_avg", None)  # [1, W] when the checkpoint has one
+        self.channels_last = True  # activation memory format inside synthesis
         self._mean_cache: tuple[tuple, Tensor] | None = None
         self._fp_cache: tuple[tuple, str] | None = None
         # modulated layers in layout (execution) order
@@ -417,13 +455,15 @@ class Generator(nn.Module):
         noise = self._noises(s.shape[0], noise_mode)
         fir = self.fir
         x = self.input.input.expand(s.shape[0], -1, -1, -1)
+        if self.channels_last:  # NHWC: faster convolutions on CPU (oneDNN) and GPU
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.conv1(x, styles[0], noise[0], fir)
         img = self.to_rgb1(x, styles[1], None, fir)
         for i in range(len(self.to_rgbs)):
             x = self.convs[2 * i](x, styles[3 * i + 2], noise[2 * i + 1], fir)
             x = self.convs[2 * i + 1](x, styles[3 * i + 3], noise[2 * i + 2], fir)
             img = self.to_rgbs[i](x, styles[3 * i + 4], img, fir)
-        return img
+        return img.contiguous()
 
     def synthesize_w(self, wplus: Tensor, noise_mode: NoiseMode = "const") -> Tensor:
         """W+ [B, L, W] -> image [B, 3, H, W]."""
@@ -462,14 +502,14 @@ class Generator(nn.Module):
                 )
         self.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
         if latent_avg is not None:
-            if latent_avg.numel() != self.w_dim:
+            rows = latent_avg.detach().to(torch.float32).reshape(-1, latent_avg.shape[-1])
+            # [W], [1, W], or [L, W] with identical rows (e4e/pSp store it repeated)
+            if rows.shape[1] != self.w_dim or not torch.equal(rows, rows[:1].expand_as(rows)):
                 raise CheckpointError(
-                    f"{source}: latent_avg has shape {list(latent_avg.shape)}, "
-                    f"expected [{self.w_dim}]"
+                    f"{source}: latent_avg has shape {list(latent_avg.shape)}, expected "
+                    f"[{self.w_dim}] (or rows of one [{self.w_dim}] vector)"
                 )
-            self.latent_avg = (
-                latent_avg.detach().reshape(1, self.w_dim).to(torch.float32).to(self.device)
-            )
+            self.latent_avg = rows[:1].clone().to(self.device)
         self._fp_cache = None
         self._mean_cache = None
 

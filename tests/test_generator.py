@@ -272,3 +272,35 @@ def test_foreign_safetensors_is_refused(tmp_path):
     save_checkpoint(path, {"w": torch.zeros(2)}, {"format": "deltaedit-clip"})
     with pytest.raises(CheckpointError, match="not a generator checkpoint of this project"):
         load_generator(path)
+
+
+def test_e4e_checkpoint_decoder_is_a_generator(golden, tmp_path):
+    """e4e files hold the generator as `decoder.*` inside `state_dict`, plus latent_avg."""
+    state = {f"decoder.{k}": v for k, v in golden.items()}
+    state["encoder.conv.weight"] = torch.zeros(4, 3, 3, 3)
+    path = tmp_path / "e4e.pt"
+    torch.save({"state_dict": state, "latent_avg": torch.randn(10, 64)}, path)
+    with pytest.raises(CheckpointError, match=r"latent_avg has shape \[10, 64\]"):
+        load_generator(path)  # distinct per-layer rows are not one truncation centre
+    torch.save({"state_dict": state, "latent_avg": torch.ones(10, 64)}, path)  # repeated
+    G = load_generator(path)
+    assert G.layout.dim == 832
+    torch.testing.assert_close(G.mean_latent(), torch.ones(1, 64))
+
+
+def test_synthesis_gradients_match_float64(G, arrays):
+    """Autograd through the fused NHWC path equals the gradient of a float64 copy."""
+    s = G.w_to_s(_t(arrays["wplus"][:1])).detach()
+    s32 = s.clone().requires_grad_(True)
+    G.synthesize(s32).mean().backward()
+    G64 = load_generator_copy(G).double()
+    s64 = s.double().requires_grad_(True)
+    G64.synthesize(s64).mean().backward()
+    torch.testing.assert_close(s32.grad.double(), s64.grad, rtol=1e-3, atol=1e-6)
+    G.zero_grad(set_to_none=True)
+
+
+def load_generator_copy(G: Generator) -> Generator:
+    import copy
+
+    return copy.deepcopy(G)
