@@ -444,8 +444,9 @@ def run(
         shown_imgs[name] = keep
         dt = time.perf_counter() - t0
         log(
-            f"render {name}: {n_done} images, {len(st.status()) - n_done} rows not ok/skipped, "
-            f"{n_done / max(dt, 1e-9):.1f} img/s -> {d}"
+            f"render {name}: {n_done} images, {st.n_rows - n_done} rows not rendered (not ok, "
+            f"not edited, or past render.max_rows), {n_done / max(dt, 1e-9):.1f} img/s -> "
+            f"{out / 'gallery' / name if name in gallery_only else d}"
         )
         results.append(RenderResult(name, n_done, dt, None))
 

@@ -435,6 +435,15 @@ def test_mapper_of_another_layout_or_clip_is_refused_before_work(dataset, tmp_pa
     )
     with pytest.raises(EditError, match="trained with CLIP"):
         run(cfg, ExecutionConfig(device="cpu"), clip=clip, progress=False)
+    save_mapper(DeltaMapper(dataset["G"].layout, 2 * clip.embed_dim), tmp_path / "e.safetensors")
+    cfg = edit_config(
+        dataset,
+        tmp_path,
+        mapper=str(tmp_path / "e.safetensors"),
+        edits=(EditSpec("x", "smiling face"),),
+    )
+    with pytest.raises(EditError, match="CLIP embeddings of size 128"):
+        run(cfg, ExecutionConfig(device="cpu"), clip=clip, progress=False)
     assert not (tmp_path / "edits").exists()
 
 
