@@ -9,7 +9,7 @@ import fsspec
 import numpy as np
 
 from store.errors import NotAStore, StoreError
-from store.rowstore import DONE, STATUS, RowStore, _is_str_dtype
+from store.rowstore import DONE, STATUS, RowStore, _hint, _is_str_dtype
 from store.status import Status, status_counts
 
 
@@ -126,7 +126,7 @@ def verify_store(rs: RowStore, progress: Callable[[int], None] | None = None) ->
         shown = ", ".join(map(str, pending[:8])) + (", ..." if len(pending) > 8 else "")
         reasons.append(
             f"pass incomplete: {len(pending)} of {rs.n_blocks} blocks pending ({shown}); "
-            f"rerun the stage that writes it"
+            f"rerun {_hint(rs.attrs)} (it resumes)"
         )
     raw_status = np.asarray(rs.array(STATUS)[...], dtype=np.uint8)
     if raw_status.size and raw_status.max() > max(Status):
