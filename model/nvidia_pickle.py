@@ -228,6 +228,11 @@ class RestrictedUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         if _NVIDIA_MODULE.match(module) and re.fullmatch(r"[A-Z]\w*", name):
             return _holder(module, name)  # a class of the network code: data holder
+        if module.startswith("dnnlib.tflib"):
+            raise RefusedGlobal(
+                f"refused global {module}.{name}: a TensorFlow StyleGAN pickle; convert it "
+                "to a PyTorch one first (stylegan2-ada-pytorch legacy.py)"
+            )
         raise RefusedGlobal(
             f"refused global {module}.{name}: not a tensor, a container or a StyleGAN2 "
             f"network class (the file may try to run code)"

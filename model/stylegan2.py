@@ -24,6 +24,13 @@ Forward conventions (tests/fixtures/README.md):
 - noise: out + noise.weight * noise (buffer for "const", fresh N(0, 1) for "random").
 - activation: lrelu(out + bias, 0.2) * sqrt 2 (clamped to +-conv_clamp when set).
 - toRGB: 1x1 modulated conv without demod, + bias, + upfirdn(skip, K, up 2, pad (2, 1)).
+
+Execution (speed, same numbers): activations run channels-last (NHWC; oneDNN / cuDNN
+are faster there); demod, noise, bias and the sqrt 2 gain are one fused multiply-add
+(lrelu(a) * sqrt 2 = lrelu(sqrt 2 * a)), then an in-place leaky ReLU when no gradient
+is wanted; the scaled weights and their squared sums are cached while the weights are
+unchanged; toRGB folds s into its tiny per-sample 1x1 weights (one batched matmul).
+Results agree with the reference within ~1e-5 (conformance test, atol 1e-4).
 """
 
 from __future__ import annotations
@@ -405,7 +412,7 @@ class Generator(nn.Module):
             rng = np.random.default_rng(MEAN_LATENT_SEED)
             z = rng.standard_normal((MEAN_LATENT_N, self.config.in_dim), dtype=np.float32)
             with torch.no_grad():
-                w = self.style(torch.from_numpy(z).to(self.device))
+                w = self.style(torch.from_numpy(z).to(self.device, self.input.input.dtype))
             self._mean_cache = (key, w.mean(0, keepdim=True))
         return self._mean_cache[1]
 

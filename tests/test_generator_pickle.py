@@ -370,3 +370,21 @@ def test_resnet_architecture_is_refused(nvidia_modules, golden, tmp_path):
     path.write_bytes(pickle.dumps({"G_ema": G}))
     with pytest.raises(CheckpointError, match="architecture 'resnet' is not supported"):
         load_generator(path)
+
+
+def test_tensorflow_pickle_is_refused_with_a_hint(monkeypatch, tmp_path):
+    mod = types.ModuleType("dnnlib.tflib.network")
+
+    class Network:
+        def __reduce__(self):
+            return (Network, ())
+
+    Network.__module__, Network.__qualname__ = "dnnlib.tflib.network", "Network"
+    mod.Network = Network
+    for name in ("dnnlib", "dnnlib.tflib"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "dnnlib.tflib.network", mod)
+    path = tmp_path / "karras2019.pkl"
+    path.write_bytes(pickle.dumps((Network(), Network(), Network())))
+    with pytest.raises(CheckpointError, match="TensorFlow StyleGAN pickle.*legacy.py"):
+        load_generator(path)
