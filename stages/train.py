@@ -708,6 +708,7 @@ def _run(
                 on_step(step, value)
     finally:
         prefetch.close()
+        sampler.close()
         bar.close()
     elapsed = time.perf_counter() - t0
     if start >= cfg.iterations:  # nothing left to do: the final mapper is already written
