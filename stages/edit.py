@@ -400,8 +400,15 @@ class Relevance:
 
 def load_relevance(url: str) -> Relevance:
     from stages.relevance import read_relevance
+    from store import StoreError
 
-    return read_relevance(url)
+    try:
+        return read_relevance(url)
+    except StoreError as exc:
+        raise EditError(
+            f"the beta mask (beta > 0) and the global-direction method need the relevance "
+            f"(`deltaedit relevance`): {exc}".replace("\n", " ")
+        ) from None
 
 
 def edit_fingerprint(attrs: dict) -> str:
@@ -484,7 +491,7 @@ def run(
     # --- everything checked before any work ---
     mapper, mapper_cfg = None, {}
     if cfg.method == "mapper":
-        mapper, mapper_cfg = _load_mapper(cfg.mapper)
+        mapper, mapper_cfg = _load_mapper(cfg.mapper, layout, clip.embed_dim)
         check_mapper(mapper, mapper_cfg, layout, clip, c_store.attrs)
         mapper = mapper.to(device).eval()
     relevance = None
@@ -634,14 +641,19 @@ def _dirs(rel: Relevance | None) -> torch.Tensor | None:
     return None if rel is None else rel.directions
 
 
-def _load_mapper(path: str) -> tuple[Any, dict]:
+def _load_mapper(path: str, layout: SLayout, clip_dim: int) -> tuple[Any, dict]:
+    """This project's safetensors (its config says what it was trained for), or an official
+    .pth state dict (no config: built for the store's layout and the CLIP's size)."""
     from pathlib import Path
 
     from model.mapper import load_mapper
 
     if not Path(path).exists():
         raise EditError(f"{path}: no mapper checkpoint (run `deltaedit train` first)")
-    mapper = load_mapper(path)
+    if path.endswith(".safetensors"):
+        mapper = load_mapper(path)
+    else:
+        mapper = load_mapper(path, layout=layout, clip_dim=clip_dim)
     cfg: dict = {}
     side = Path(path).with_suffix(".json")
     if side.exists():
