@@ -1,0 +1,417 @@
+"""Training the shapes world's models with this project's own model classes.
+
+* Autoencoder: image -> E4E ("world-32") -> W+ [B, L, W] -> G.w_to_s -> s [B, D]
+  -> G.synthesize -> image, generator ("world-32") and encoder trained jointly with
+  MSE + l1_weight * L1 and Adam. Afterwards the generator renders the world from S.
+* CLIP: a tiny open_clip model (config registered as `WORLD_CLIP_NAME`, open_clip's
+  BPE tokenizer) trained contrastively on captions. Captions drop attributes at
+  random, so one caption fits many images: the InfoNCE targets count every caption
+  in the batch that fits an image as a positive (multi-positive InfoNCE).
+
+Metrics (held-out PSNR, zero-shot accuracy per attribute, the judge's accuracy on
+reconstructions) go to `metrics.json` beside the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model.clip import ClipModel, load_clip, register_config, save_clip
+from stages.config import require
+from stages.world import (
+    ATTRIBUTES,
+    Scene,
+    WorldConfig,
+    from_unit,
+    render_many,
+    sample_caption,
+    scenes,
+    to_unit,
+    zero_shot_prompts,
+)
+
+WORLD_CLIP_NAME = "world-clip"
+# 128-d CLIP: a small ModifiedResNet image tower (a CNN), a 2-layer text transformer.
+WORLD_CLIP_CONFIG: dict[str, Any] = {
+    "embed_dim": 128,
+    "quick_gelu": False,
+    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+register_config(WORLD_CLIP_NAME, WORLD_CLIP_CONFIG)
+
+HELD_OUT_SEED_OFFSET = 1000  # held-out world seed = world seed + this
+
+
+@dataclass(frozen=True)
+class WorldTrainConfig:
+    """`world_train:` in params. Defaults = the committed weights' run."""
+
+    out_dir: str = "weights/world"
+    seed: int = 0
+    n_train: int = 20000  # training scenes rendered once (world seed)
+    n_heldout: int = 512  # held-out scenes (world seed + 1000) for the metrics
+    generator_config: str = "world-32"
+    e4e_config: str = "world-32"
+    ae_iterations: int = 2400
+    ae_batch: int = 32
+    ae_lr: float = 2e-3
+    ae_l1: float = 0.1
+    ae_max_minutes: float = 40.0  # stop early (and say so) past this wall time; 0 = no cap
+    clip_iterations: int = 1500
+    clip_batch: int = 128
+    clip_lr: float = 1e-3
+    clip_max_minutes: float = 12.0
+    clip_name: str = WORLD_CLIP_NAME
+    clip_init: str | None = None  # continue from this save_clip checkpoint (None = from seed)
+    preprocessing: Literal["clip", "deltaedit"] = "deltaedit"
+    threads: int = 2
+
+    def validate(self) -> None:
+        for key in ("n_train", "n_heldout", "ae_batch", "clip_batch", "threads"):
+            v = getattr(self, key)
+            require(v >= 1, key, v, "an integer >= 1")
+        for key in ("ae_iterations", "clip_iterations"):
+            v = getattr(self, key)
+            require(v >= 0, key, v, "an integer >= 0")
+        for key in ("ae_lr", "clip_lr"):
+            v = getattr(self, key)
+            require(v > 0, key, v, "a number > 0")
+        require(self.ae_l1 >= 0, "ae_l1", self.ae_l1, "a number >= 0")
+        for key in ("ae_max_minutes", "clip_max_minutes"):
+            v = getattr(self, key)
+            require(v >= 0, key, v, "a number >= 0 (0 = no cap)")
+
+
+# --- data ---------------------------------------------------------------------------
+
+
+@dataclass
+class WorldData:
+    scenes: list[Scene]
+    images: torch.Tensor  # [N, 3, H, W] float32 in [-1, 1]
+
+
+def make_data(world: WorldConfig, n: int, seed_offset: int = 0) -> WorldData:
+    w = dataclasses.replace(world, seed=world.seed + seed_offset, n_images=n)
+    sc = scenes(w)
+    return WorldData(sc, torch.from_numpy(to_unit(render_many(sc, w))))
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB) of images in [-1, 1] (peak-to-peak 2); x is clamped first."""
+    mse = ((x.clamp(-1, 1) - y) ** 2).flatten(1).mean(1)
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
+
+
+def progress_fraction(it: int, iterations: int, start: float, max_minutes: float) -> float:
+    """How far through the run we are: by iterations, or by the time cap when it comes first
+    (so a run stopped by the cap still ends its learning-rate schedule)."""
+    frac = it / max(iterations, 1)
+    if max_minutes:
+        frac = max(frac, (time.perf_counter() - start) / (max_minutes * 60))
+    return min(frac, 1.0)
+
+
+# --- autoencoder --------------------------------------------------------------------
+
+
+def autoencode(G: torch.nn.Module, E: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x [B, 3, H, W] -> E -> W+ [B, L, W] -> s [B, D] -> G -> [B, 3, H, W] (raw)."""
+    return G.synthesize(G.w_to_s(E(x)), noise_mode="const")
+
+
+def ae_loss(recon: torch.Tensor, x: torch.Tensor, l1: float) -> torch.Tensor:
+    return F.mse_loss(recon, x) + l1 * F.l1_loss(recon, x)
+
+
+@torch.no_grad()
+def reconstruct(G, E, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
+    out = [autoencode(G, E, images[i : i + batch]) for i in range(0, len(images), batch)]
+    return torch.cat(out)
+
+
+def train_autoencoder(
+    cfg: WorldTrainConfig,
+    train: WorldData,
+    progress: bool = True,
+    generator_config: Any = None,
+    e4e_config: Any = None,
+) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    """Joint generator + encoder training. Returns (G, E, log).
+
+    `generator_config` / `e4e_config` (GeneratorConfig / E4EConfig objects) override the
+    registered names in `cfg` (tests use narrower networks)."""
+    from model.e4e import create_e4e
+    from model.stylegan2 import create_generator
+
+    G = create_generator(generator_config or cfg.generator_config, seed=cfg.seed)
+    E = create_e4e(e4e_config or cfg.e4e_config, seed=cfg.seed + 1)
+    G.train().requires_grad_(True)
+    E.train().requires_grad_(True)
+    params = [p for p in list(G.parameters()) + list(E.parameters()) if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.ae_lr, betas=(0.9, 0.99))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses: list[float] = []
+    start = time.perf_counter()
+    done = 0
+    bar = tqdm(range(cfg.ae_iterations), desc="world autoencoder", disable=not progress)
+    for it in bar:
+        # cosine decay to 10% over the run (iterations or the time cap, whichever ends first)
+        frac = progress_fraction(it, cfg.ae_iterations, start, cfg.ae_max_minutes)
+        lr = cfg.ae_lr * (0.55 + 0.45 * math.cos(math.pi * frac))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(len(train.images), (cfg.ae_batch,), generator=gen)
+        x = train.images[idx]
+        loss = ae_loss(autoencode(G, E, x), x, cfg.ae_l1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        done = it + 1
+        if it % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if cfg.ae_max_minutes and time.perf_counter() - start > cfg.ae_max_minutes * 60:
+            break
+    G.eval().requires_grad_(False)
+    E.eval().requires_grad_(False)
+    log = {
+        "iterations": done,
+        "stopped_early": done < cfg.ae_iterations,
+        "seconds": round(time.perf_counter() - start, 1),
+        "loss_first": float(np.mean(losses[:10])) if losses else None,
+        "loss_last": float(np.mean(losses[-50:])) if losses else None,
+        "loss_curve": losses[:: max(1, len(losses) // 50)],
+    }
+    return G, E, log
+
+
+# --- CLIP ---------------------------------------------------------------------------
+
+
+def fit_matrix(image_scenes: list[Scene], captions: list) -> torch.Tensor:
+    """M[i, j] = 1 when caption j is true of image i (the positives of image i)."""
+    m = np.array([[c.fits(s) for c in captions] for s in image_scenes], dtype=np.float32)
+    return torch.from_numpy(m)
+
+
+def multi_positive_infonce(
+    img: torch.Tensor, txt: torch.Tensor, positives: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
+    """InfoNCE where row i's target is uniform over every fitting caption (and vice versa).
+
+    img [B, E], txt [B, E] (unnormalized), positives [B, B] in {0, 1} with a full diagonal.
+    """
+    img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    logits = logit_scale.exp().clamp(max=100) * img @ txt.T  # [B, B]
+    p_i2t = positives / positives.sum(1, keepdim=True)
+    p_t2i = positives / positives.sum(0, keepdim=True)
+    loss_i2t = -(p_i2t * F.log_softmax(logits, dim=1)).sum(1).mean()
+    loss_t2i = -(p_t2i * F.log_softmax(logits, dim=0)).sum(0).mean()
+    return (loss_i2t + loss_t2i) / 2
+
+
+def train_clip(
+    cfg: WorldTrainConfig, world: WorldConfig, train: WorldData, progress: bool = True
+) -> tuple[ClipModel, dict]:
+    """Multi-positive contrastive training of the CLIP named `cfg.clip_name` (or continued
+    from `cfg.clip_init`). Returns (trained ClipModel, log)."""
+    if cfg.clip_init:
+        clip = load_clip(cfg.clip_init)
+    else:
+        clip = load_clip(cfg.clip_name, seed=cfg.seed)
+    model = clip.model.train().requires_grad_(True)
+    # The BPE token table (49408 x width) stays at its random init: training it costs
+    # most of the step on 2 cores, and the world's ~60 words are told apart anyway.
+    model.token_embedding.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.clip_lr, weight_decay=0.05)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    rng = np.random.default_rng([cfg.seed, 2])
+    warmup = max(1, min(100, cfg.clip_iterations // 10))
+    losses: list[float] = []
+    start = time.perf_counter()
+    done = 0
+    bar = tqdm(range(cfg.clip_iterations), desc="world clip", disable=not progress)
+    for it in bar:
+        frac = progress_fraction(it, cfg.clip_iterations, start, cfg.clip_max_minutes)
+        lr = cfg.clip_lr * min(1.0, (it + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * frac))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(len(train.images), (cfg.clip_batch,), generator=gen)
+        batch_scenes = [train.scenes[i] for i in idx.tolist()]
+        captions = [sample_caption(s, rng, world.keep_attribute) for s in batch_scenes]
+        positives = fit_matrix(batch_scenes, captions)
+        tokens = clip.tokenize([c.text for c in captions])
+        img = model.encode_image(clip.preprocess_images(train.images[idx], cfg.preprocessing))
+        txt = model.encode_text(tokens)
+        loss = multi_positive_infonce(img, txt, positives, model.logit_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        done = it + 1
+        if it % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        if cfg.clip_max_minutes and time.perf_counter() - start > cfg.clip_max_minutes * 60:
+            break
+    model.eval().requires_grad_(False)
+    trained = ClipModel(clip.name, clip.config, model, "cpu")  # fresh fingerprint + cache
+    log = {
+        "iterations": done,
+        "stopped_early": done < cfg.clip_iterations,
+        "seconds": round(time.perf_counter() - start, 1),
+        "loss_first": float(np.mean(losses[:10])) if losses else None,
+        "loss_last": float(np.mean(losses[-20:])) if losses else None,
+        "loss_curve": losses[:: max(1, len(losses) // 50)],
+    }
+    return trained, log
+
+
+@torch.no_grad()
+def zero_shot_accuracy(
+    clip: ClipModel,
+    images: torch.Tensor,
+    truth: list[Scene],
+    preprocessing: str = "deltaedit",
+    held_out: bool = False,
+) -> dict[str, float]:
+    """Per attribute: argmax over that attribute's value prompts == the true value."""
+    emb = torch.cat(
+        [clip.encode_images(images[i : i + 256], preprocessing) for i in range(0, len(images), 256)]
+    )
+    emb = F.normalize(emb.float(), dim=-1)
+    out = {}
+    for a in ATTRIBUTES:
+        prompts = zero_shot_prompts(a, held_out=held_out)
+        values = list(prompts)
+        t = clip.encode_text([prompts[v] for v in values])  # [V, E] normalized
+        pred = (emb @ t.T).argmax(1).tolist()
+        out[a] = float(
+            np.mean([values[p] == getattr(s, a) for p, s in zip(pred, truth, strict=True)])
+        )
+    return out
+
+
+# --- the stage ------------------------------------------------------------------------
+
+
+def run(
+    cfg: WorldTrainConfig,
+    world: WorldConfig | None = None,
+    only: Literal["all", "autoencoder", "clip"] = "all",
+    progress: bool = True,
+) -> dict:
+    """Train the world models, save them under `cfg.out_dir`, write/merge metrics.json."""
+    world = world or WorldConfig()
+    cfg.validate()
+    world.validate()
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.json"
+    metrics: dict[str, Any] = {"world": dataclasses.asdict(world)}
+    updated = {"world"}
+
+    t0 = time.perf_counter()
+    train = make_data(world, cfg.n_train)
+    held = make_data(world, cfg.n_heldout, HELD_OUT_SEED_OFFSET)
+    if progress:
+        print(
+            f"world train: rendered {cfg.n_train} + {cfg.n_heldout} scenes "
+            f"in {time.perf_counter() - t0:.1f} s"
+        )
+
+    if only in ("all", "clip"):
+        clip, log = train_clip(cfg, world, train, progress)
+        save_clip(clip, out / "clip.safetensors")
+        log["zero_shot"] = zero_shot_accuracy(clip, held.images, held.scenes, cfg.preprocessing)
+        log["zero_shot_held_out_synonyms"] = zero_shot_accuracy(
+            clip, held.images, held.scenes, cfg.preprocessing, held_out=True
+        )
+        log["fingerprint"] = clip.fingerprint
+        log["train_config"] = dataclasses.asdict(cfg)
+        metrics["clip"] = log
+        updated.add("clip")
+        if progress:
+            print(
+                f"world clip: {log['iterations']} it in {log['seconds']} s, "
+                f"zero-shot {log['zero_shot']}"
+            )
+
+    if only in ("all", "autoencoder"):
+        from model.e4e import save_e4e
+        from model.stylegan2 import save_generator
+        from stages.world_judge import judge_images
+
+        G, E, log = train_autoencoder(cfg, train, progress)
+        save_generator(G, out / "generator.safetensors")
+        save_e4e(E, out / "e4e.safetensors")
+        recon = reconstruct(G, E, held.images)
+        p = psnr(recon, held.images)
+        log["heldout_psnr"] = float(p.mean())
+        log["heldout_psnr_min"] = float(p.min())
+        readings = judge_images(from_unit(recon.numpy()), world)
+        log["judge_on_reconstructions"] = {
+            a: float(
+                np.mean(
+                    [
+                        getattr(r, a) == getattr(s, a)
+                        for r, s in zip(readings, held.scenes, strict=True)
+                    ]
+                )
+            )
+            for a in ATTRIBUTES
+        }
+        log["generator_fingerprint"] = G.fingerprint
+        log["e4e_fingerprint"] = E.fingerprint
+        log["train_config"] = dataclasses.asdict(cfg)
+        metrics["autoencoder"] = log
+        updated.add("autoencoder")
+        if progress:
+            print(
+                f"world autoencoder: {log['iterations']} it in {log['seconds']} s, "
+                f"held-out PSNR {log['heldout_psnr']:.2f} dB"
+            )
+
+    if all(
+        (out / f).exists() for f in ("clip.safetensors", "generator.safetensors", "e4e.safetensors")
+    ):
+        G, E, clip = load_world_models(out)
+        recon = reconstruct(G, E, held.images).clamp(-1, 1)
+        metrics["clip_zero_shot_on_reconstructions"] = zero_shot_accuracy(
+            clip, recon, held.scenes, cfg.preprocessing
+        )
+        updated.add("clip_zero_shot_on_reconstructions")
+    # merge into the file as it is now (another `--only` run may have written meanwhile)
+    merged = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    merged.update({k: v for k, v in metrics.items() if k not in merged or k in updated})
+    tmp = metrics_path.with_suffix(f".json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(merged, indent=1))
+    tmp.replace(metrics_path)
+    return merged
+
+
+def load_world_models(folder: str | Path = "weights/world"):
+    """(generator, e4e encoder, clip) trained on the world, from `folder`."""
+    from model.e4e import load_e4e
+    from model.stylegan2 import load_generator
+
+    folder = Path(folder)
+    G = load_generator(folder / "generator.safetensors")
+    E = load_e4e(folder / "e4e.safetensors", device="cpu")
+    clip = load_clip(str(folder / "clip.safetensors"))
+    return G, E, clip
