@@ -80,7 +80,9 @@ def bench_encode_clip(
 ) -> dict[str, float]:
     paths = make_jpegs(tmp / f"jpegs-{n}", n)
     ds = tmp / f"ds-{label}"
-    run_ingest(IngestConfig(source=str(paths[0].parent), out=str(ds)), ExecutionConfig(), False)
+    run_ingest(
+        IngestConfig(source=str(paths[0].parent), out=str(ds)), ExecutionConfig(), progress=False
+    )
     execution = ExecutionConfig(workers=1, batch_size=batch)
     cfg = EncodeClipConfig(dataset=str(ds), decode_threads=2)
     clip = load_clip_ref(ref, "cpu")
@@ -123,7 +125,7 @@ def bench_sample(
     G = load_generator_ref(gref, "cpu")
     clip = load_clip_ref(cref, "cpu")
     execution = ExecutionConfig(workers=1, batch_size=batch)
-    cfg = SampleConfig(n=n, out=str(tmp / f"sample-{label}"), rows_per_shard=max(batch, 32))
+    cfg = SampleConfig(n=n, out=str(tmp / f"sample-{label}"))  # default rows_per_shard
     z_all = torch.from_numpy(sample_z(0, range(n), G.config.in_dim))
 
     def models(z: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -171,19 +173,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer images and repeats")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    ap.add_argument("--only", choices=["clip", "sample"], help="run one half")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     register_config(VIT, get_config("ViT-B-32-quickgelu"), overwrite=True)
     repeats = 3
-    n_tiny, n_vit, n_s_tiny, n_s_256 = (128, 32, 128, 16) if args.quick else (512, 512, 512, 128)
+    n_tiny, n_vit, n_s_tiny, n_s_256 = (256, 32, 512, 32) if args.quick else (512, 512, 2048, 128)
     print(f"torch threads {torch.get_num_threads()}, repeats {repeats} (median)", flush=True)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        r = bench_encode_clip("tiny", ClipRef(), n_tiny, 64, repeats, tmp)
-        report(f"encode-clip tiny ({n_tiny} jpeg 256px)", r)
-        r = bench_encode_clip("vit", ClipRef(name=VIT), n_vit, 16, repeats, tmp)
-        report(f"encode-clip ViT-B-32 ({n_vit} jpeg)", r)
-        r = bench_sample("tiny", GeneratorRef(), n_s_tiny, 32, repeats, tmp)
+        if args.only != "sample":
+            r = bench_encode_clip("tiny", ClipRef(), n_tiny, 64, repeats, tmp)
+            report(f"encode-clip tiny ({n_tiny} jpeg 256px)", r)
+            r = bench_encode_clip("vit", ClipRef(name=VIT), n_vit, 16, repeats, tmp)
+            report(f"encode-clip ViT-B-32 ({n_vit} jpeg)", r)
+        if args.only == "clip":
+            return
+        r = bench_sample("tiny", GeneratorRef(), n_s_tiny, 64, repeats, tmp)
         report(f"sample tiny-64 ({n_s_tiny} rows)", r)
         g256 = GeneratorConfig(
             256, 128, 2, {4: 128, 8: 128, 16: 128, 32: 64, 64: 64, 128: 32, 256: 16}

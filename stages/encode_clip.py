@@ -10,6 +10,7 @@ manifest (the manifest's fingerprint).
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from model.clip import UPSAMPLE
 from stages import images
 from stages.common import ClipRef, ExecutionConfig, resolve_device
 from stages.config import require
@@ -101,41 +103,67 @@ def encode_image_block(
 
 
 def clip_pixels(img: Image.Image, preprocessing: str, size: int) -> np.ndarray:
-    """Decode-thread half of the CLIP preprocessing (Pillow only) -> uint8 [H, W, 3].
+    """Decode-thread half of the CLIP preprocessing (Pillow + numpy only).
 
     'clip': resize the shortest side to `size` (bicubic) and center-crop size x size, as
-    open_clip's eval transform; 'deltaedit': the pixels as they are (pooled in the model
-    thread)."""
+    open_clip's eval transform -> uint8 [size, size, 3] (normalized in the model thread);
+    'deltaedit': nearest x7 upsampling + adaptive average pooling to size x size, done
+    as the equivalent sparse weighted sum -> float32 [size, size, 3] in [-1, 1].
+    """
     img = img.convert("RGB")
-    if preprocessing == "clip":
+    if preprocessing == "deltaedit":
+        return deltaedit_pool(np.asarray(img, dtype=np.uint8), size)
+    w, h = img.size
+    if (w, h) != (size, size):
+        if w <= h:
+            new = (size, int(size * h / w))
+        else:
+            new = (int(size * w / h), size)
+        if new != (w, h):
+            img = img.resize(new, Image.BICUBIC)
         w, h = img.size
-        if (w, h) != (size, size):
-            if w <= h:
-                new = (size, int(size * h / w))
-            else:
-                new = (int(size * w / h), size)
-            if new != (w, h):
-                img = img.resize(new, Image.BICUBIC)
-            w, h = img.size
-            top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-            img = img.crop((left, top, left + size, top + size))
+        top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+        img = img.crop((left, top, left + size, top + size))
     return np.asarray(img, dtype=np.uint8)
 
 
+@functools.lru_cache(maxsize=64)
+def pool_weights(n: int, size: int, upsample: int = UPSAMPLE) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest upsampling by `upsample` then adaptive average pooling n -> size, as a
+    sparse map: out[i] = sum_t w[i, t] * x[idx[i, t]]. Returns (idx [size, k], w [size, k])."""
+    length = n * upsample
+    rows: list[dict[int, float]] = []
+    for i in range(size):
+        start, end = (i * length) // size, -((-(i + 1) * length) // size)  # floor, ceil
+        weights: dict[int, float] = {}
+        for u in range(start, end):
+            weights[u // upsample] = weights.get(u // upsample, 0.0) + 1.0 / (end - start)
+        rows.append(weights)
+    k = max(len(r) for r in rows)
+    idx = np.zeros((size, k), dtype=np.int64)
+    w = np.zeros((size, k), dtype=np.float32)
+    for i, r in enumerate(rows):
+        for t, (j, v) in enumerate(sorted(r.items())):
+            idx[i, t], w[i, t] = j, v
+    return idx, w
+
+
+def deltaedit_pool(pixels: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> float32 [size, size, 3] in [-1, 1]: DeltaEdit's preprocessing
+    (pixels to [-1, 1], nearest x7 upsampling, adaptive average pooling to size)."""
+    x = pixels.astype(np.float32) / 127.5 - 1.0
+    idx_h, w_h = pool_weights(x.shape[0], size)
+    idx_w, w_w = pool_weights(x.shape[1], size)
+    rows = sum(w_h[:, t, None, None] * x[idx_h[:, t]] for t in range(idx_h.shape[1]))
+    return sum(w_w[None, :, t, None] * rows[:, idx_w[:, t]] for t in range(idx_w.shape[1]))
+
+
 def clip_inputs(clip, arrays: list[np.ndarray], preprocessing: str) -> torch.Tensor:
-    """Model-thread half: uint8 arrays -> model input [B, 3, S, S] (same-size images are
-    pooled together for 'deltaedit')."""
-    out: list[torch.Tensor | None] = [None] * len(arrays)
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, a in enumerate(arrays):
-        by_shape.setdefault(a.shape, []).append(i)
-    for idx in by_shape.values():
-        x = torch.from_numpy(np.stack([arrays[i] for i in idx])).to(clip.device)
-        x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [b, 3, H, W] in [-1, 1]
-        x = clip.preprocess_images(x, preprocessing)
-        for j, i in enumerate(idx):
-            out[i] = x[j]
-    return torch.stack(out)  # type: ignore[arg-type]
+    """Model-thread half: the arrays of clip_pixels -> model input [B, 3, S, S]."""
+    x = torch.from_numpy(np.stack(arrays)).to(clip.device).permute(0, 3, 1, 2)
+    if preprocessing == "deltaedit":
+        return x.float().contiguous()
+    return clip.preprocess_images(x.float() / 127.5 - 1.0, "clip")
 
 
 def assemble(

@@ -53,7 +53,7 @@ def e4e_pixels(img: Image.Image, size: int) -> np.ndarray:
 
 def to_input(img: Image.Image, size: int) -> torch.Tensor:
     """RGB PIL image -> e4e input [3, size, size] float in [-1, 1]."""
-    return torch.from_numpy(e4e_pixels(img, size)).permute(2, 0, 1).float() / 127.5 - 1.0
+    return torch.from_numpy(e4e_pixels(img, size).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 @dataclass(frozen=True)

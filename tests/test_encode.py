@@ -215,3 +215,15 @@ def test_encode_clip_with_standard_clip_preprocessing_matches_the_model(tmp_path
         expect = clip.encode_pil([img], "clip")[0].numpy()
         got = out.read("embed")[sources.index(name)]
         np.testing.assert_allclose(got, expect, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (300, 177), (50, 400)])
+def test_deltaedit_pool_matches_upsample_then_average_pool(shape):
+    import torch.nn.functional as F
+
+    from stages.encode_clip import deltaedit_pool
+
+    a = np.random.default_rng(0).integers(0, 255, (*shape, 3), dtype=np.uint8)
+    x = torch.from_numpy(a).permute(2, 0, 1)[None].float() / 127.5 - 1
+    ref = F.adaptive_avg_pool2d(F.interpolate(x, scale_factor=7, mode="nearest"), 48)
+    np.testing.assert_allclose(deltaedit_pool(a, 48), ref[0].permute(1, 2, 0).numpy(), atol=1e-5)
