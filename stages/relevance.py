@@ -19,10 +19,12 @@ resumes. `fs3_path` imports a published `fs3.npy` [Dconv, E] instead.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -152,32 +154,47 @@ def finite_difference_directions(
     return _normalize(d.view(n_img, n_ch, -1).mean(0))
 
 
-def _jvp(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, v: torch.Tensor):
-    """J_f(x) v by forward mode; falls back to the double-backward trick.
+_MHA_LOCK = threading.Lock()
+_MHA_USERS = [0, True]  # threads inside _math_attention, fast-path setting to restore
 
-    Attention runs on the plain math kernels here (no fused MHA fast path, no flash
-    SDPA): those have no forward-mode derivative and no double backward.
-    """
+
+@contextlib.contextmanager
+def _math_attention() -> Iterator[None]:
+    """Attention on plain math kernels: the fused MHA fast path and flash SDPA have no
+    forward-mode derivative and no double backward. The fast-path switch is process-wide,
+    so threads (Dask workers) share it through a counter."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    fast = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
+    with _MHA_LOCK:
+        if _MHA_USERS[0] == 0:
+            _MHA_USERS[1] = torch.backends.mha.get_fastpath_enabled()
+            torch.backends.mha.set_fastpath_enabled(False)
+        _MHA_USERS[0] += 1
     try:
         with sdpa_kernel(SDPBackend.MATH):
-            try:
-                from torch.func import jvp
-
-                return jvp(f, (x,), (v,))[1]
-            except (RuntimeError, NotImplementedError):
-                x = x.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    y = f(x)
-                    u = torch.zeros_like(y, requires_grad=True)
-                    (g,) = torch.autograd.grad(y, x, u, create_graph=True)  # J^T u
-                    (jv,) = torch.autograd.grad(g, u, v)  # d/du <J^T u, v> = J v
-                return jv
+            yield
     finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
+        with _MHA_LOCK:
+            _MHA_USERS[0] -= 1
+            if _MHA_USERS[0] == 0:
+                torch.backends.mha.set_fastpath_enabled(_MHA_USERS[1])
+
+
+def _jvp(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, v: torch.Tensor):
+    """J_f(x) v by forward mode; falls back to the double-backward trick."""
+    with _math_attention():
+        try:
+            from torch.func import jvp
+
+            return jvp(f, (x,), (v,))[1]
+        except (RuntimeError, NotImplementedError):
+            x = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                y = f(x)
+                u = torch.zeros_like(y, requires_grad=True)
+                (g,) = torch.autograd.grad(y, x, u, create_graph=True)  # J^T u, linear in u
+                (jv,) = torch.autograd.grad(g, u, v)  # d/du <J^T u, v> = J v
+            return jv
 
 
 def jacobian_directions(

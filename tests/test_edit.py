@@ -546,3 +546,22 @@ def test_cli_mapper_mismatch_is_one_line(dataset, tmp_path):
     )
     assert r.exit_code != 0 and "another S layout" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "edits").exists()
+
+
+def test_select_rows_by_ids_range_and_sample():
+    import numpy as np
+
+    from stages.edit import EditError, Selection, select_rows
+
+    ok = np.array([0, 1, 3, 4, 5, 7])
+    ids = np.array([f"img-{i}" for i in range(8)])
+    assert select_rows(Selection(), ok, 8, ids).tolist() == ok.tolist()
+    assert select_rows(Selection(ids=("img-7", "img-2", "img-0")), ok, 8, ids).tolist() == [0, 7]
+    assert select_rows(Selection(range=(2, 6)), ok, 8, ids).tolist() == [3, 4, 5]
+    a = select_rows(Selection(sample=3, seed=1), ok, 8, ids)
+    assert len(a) == 3 and set(a) <= set(ok)
+    assert np.array_equal(a, select_rows(Selection(sample=3, seed=1), ok, 8, ids))
+    with pytest.raises(EditError, match="unknown ids"):
+        select_rows(Selection(ids=("nope",)), ok, 8, ids)
+    with pytest.raises(ConfigError, match="at most one"):
+        Selection(ids=("a",), sample=2).validate()
