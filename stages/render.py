@@ -288,17 +288,6 @@ class RenderResult:
     sheet: Path | None
 
 
-def load_generator_ref(ref: GeneratorRef, device: str = "cpu") -> Any:
-    """The generator a params `generator:` section names (checkpoint or registered config)."""
-    from model.stylegan2 import create_generator, load_generator
-
-    if ref.path:
-        if not Path(ref.path).exists():
-            raise FileNotFoundError(f"generator.path {ref.path}: no such file")
-        return load_generator(ref.path, device=device).eval()
-    return create_generator(ref.config, seed=ref.seed).to(device).eval()
-
-
 def discover_edits(edits_dir: str) -> list[str]:
     d = Path(edits_dir)
     if not d.is_dir():
@@ -370,7 +359,15 @@ def run(
                 f"not {src.url}; set render.store to its dataset"
             )
     if generator is None:
+        from stages.execution import load_generator_ref
+
         generator = load_generator_ref(generator_ref or GeneratorRef(), device)
+    recorded = src.attrs.get("generator")
+    if isinstance(recorded, str) and recorded != generator.fingerprint:
+        raise ValueError(
+            f"{src.url} was made with generator {recorded[:12]}, params name "
+            f"{generator.fingerprint[:12]}; set generator: to the one that made the store"
+        )
     if layout is not None and SLayout.from_dict(layout).dim != generator.layout.dim:
         raise ValueError(
             f"the generator's S has {generator.layout.dim} channels, {src.url} has "
