@@ -160,7 +160,11 @@ def test_render_writes_images_sheet_and_gallery(edited, tmp_path):
 
     ds, edits_dir, bad = edited
     out = tmp_path / "render"
-    cfg = render_config(ds, edits_dir, out)
+    extra = tmp_path / "truth" / "smile"  # e.g. the world's ground-truth counterparts
+    extra.mkdir(parents=True)
+    for r in range(20):
+        Image.fromarray(image(r, 16)).save(extra / f"{r:08d}.png")
+    cfg = render_config(ds, edits_dir, out, extra_dir=str(tmp_path / "truth"), extra_label="truth")
     res = run(
         cfg,
         execution=ExecutionConfig(device="cpu"),
@@ -185,10 +189,12 @@ def test_render_writes_images_sheet_and_gallery(edited, tmp_path):
     assert sheet.height > 3 * 64
     page = (out / "index.html").read_text()
     assert "smiling face" in page and "alpha 2" in page and "img-0" in page
+    assert "<th>truth</th>" in page and "extra/smile/" in page
     if CHROMIUM:
         data = open_in_chromium(out / "index.html")
         assert data["images-loaded"] == data["images-total"] and data["images-broken"] == "0"
-        assert int(data["images-total"]) == 4 + 2 * 4  # originals + (before, after) per row
+        # originals section + (before, after, truth) per row of the edit's section
+        assert int(data["images-total"]) == 4 + 3 * 4
         assert "js-error" not in data
 
 
