@@ -39,13 +39,16 @@ from stages.sample import SampleConfig, run_sample, sample_z
 VIT = "bench-vit-b-32"  # ViT-B-32-quickgelu architecture, random weights (no download)
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    times = []
+def interleaved(fns: dict[str, Callable[[], object]], n: int, repeats: int) -> dict[str, float]:
+    """images/s of each fn, median of `repeats` rounds; each round runs every fn once, so a
+    slow spell of a shared machine hits all of them alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: n / statistics.median(v) for k, v in times.items()}
 
 
 def make_jpegs(folder: Path, n: int, size: int = 256, seed: int = 0) -> list[Path]:
@@ -111,11 +114,7 @@ def bench_encode_clip(
 
     e2e()  # warm-up: model in cache, kernels initialized
     model_only()
-    return {
-        "e2e": n / median_time(e2e, repeats),
-        "model": n / median_time(model_only, repeats),
-        "plain": n / median_time(plain_loop, repeats),
-    }
+    return interleaved({"e2e": e2e, "model": model_only, "plain": plain_loop}, n, repeats)
 
 
 def bench_sample(
@@ -152,11 +151,7 @@ def bench_sample(
         np.save(tmp / "c.npy", np.concatenate(cs))
 
     e2e()
-    return {
-        "e2e": n / median_time(e2e, repeats),
-        "model": n / median_time(model_only, repeats),
-        "plain": n / median_time(plain_loop, repeats),
-    }
+    return interleaved({"e2e": e2e, "model": model_only, "plain": plain_loop}, n, repeats)
 
 
 def report(name: str, r: dict[str, float]) -> None:
@@ -177,7 +172,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     register_config(VIT, get_config("ViT-B-32-quickgelu"), overwrite=True)
-    repeats = 3
+    repeats = 5 if args.quick else 3
     n_tiny, n_vit, n_s_tiny, n_s_256 = (256, 32, 512, 32) if args.quick else (512, 512, 2048, 128)
     print(f"torch threads {torch.get_num_threads()}, repeats {repeats} (median)", flush=True)
     with tempfile.TemporaryDirectory() as d:
