@@ -128,6 +128,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # every validation
     steps_per_s: float = 0.0
     data_wait_fraction: float = 0.0  # share of loop time spent waiting for batches
+    sampler_mode: str = ""  # "memory" or "sharded"
 
 
 # --- the math -----------------------------------------------------------------------
@@ -720,7 +721,10 @@ def _run(
     rate = ran / elapsed if elapsed > 0 and ran else 0.0
     last = history[-1] if history else {}
     wait_frac = wait / elapsed if elapsed > 0 else 0.0
-    summary = f"train: {step} steps ({ran} now, {rate:.1f} steps/s, data wait {wait_frac:.1%})"
+    summary = (
+        f"train: {step} steps ({ran} now, {rate:.1f} steps/s, {sampler.mode} sampler, "
+        f"data wait {wait_frac:.1%})"
+    )
     if last:
         summary += (
             f"; held-out cos {last['cos']:.3f} mse {last['mse']:.4g} "
@@ -737,6 +741,7 @@ def _run(
         history=history,
         steps_per_s=rate,
         data_wait_fraction=wait_frac,
+        sampler_mode=sampler.mode,
     )
 
 

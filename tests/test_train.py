@@ -167,3 +167,35 @@ def test_cli_trains_and_reports_bad_input_in_one_line(stores, tmp_path):
     )
     assert missing.exit_code != 0 and len(missing.output.strip().splitlines()) == 1
     assert "Traceback" not in missing.output
+
+
+def test_sharded_sampler_resume_is_exact(stores, tmp_path):
+    """Stores larger than the memory budget: shard-blocked pairs, still an exact resume."""
+    kw = dict(iterations=24, checkpoint_every=10, val_every=12, memory_budget_mb=1.6)
+    full = run(_cfg(stores, tmp_path / "full", **kw), progress=False, log=lambda _: None)
+    assert full.sampler_mode == "sharded"
+    cfg = _cfg(stores, tmp_path / "cut", **kw)
+
+    def kill(step, _loss):
+        if step == 15:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, progress=False, log=lambda _: None, on_step=kill)
+    resumed = run(cfg, resume=True, progress=False, log=lambda _: None)
+    assert resumed.losses == full.losses[10:]
+
+
+def test_resume_refuses_a_state_for_another_layout(tmp_path):
+    write_pair_store(str(tmp_path / "a"), 128)
+    cfg = TrainConfig(
+        stores=(str(tmp_path / "a"),),
+        out=str(tmp_path / "m.safetensors"),
+        metrics_dir=str(tmp_path / "metrics"),
+        iterations=3,
+    )
+    run(cfg, progress=False, log=lambda _: None)
+    other = SLayout.from_channels(32, {4: 16, 8: 16, 16: 16, 32: 16})
+    write_pair_store(str(tmp_path / "a"), 128, layout=other)  # the store was re-encoded
+    with pytest.raises(TrainError, match="another layout"):
+        run(TrainConfig(**(vars(cfg) | {"iterations": 6})), resume=True, progress=False)
