@@ -289,7 +289,7 @@ def load_mapper(
             raise CheckpointError(
                 f"{path}: mapper made for CLIP dim {ck_clip}, expected {clip_dim}"
             )
-        mapper = DeltaMapper(ck_layout, ck_clip)
+        layout, clip_dim = ck_layout, ck_clip
     else:
         state = torch_load_safe(path)
         if (
@@ -303,13 +303,19 @@ def load_mapper(
         ):
             raise CheckpointError(f"{path}: not a state dict of tensors")
         state = {k.removeprefix("module."): v for k, v in state.items()}
-        mapper = DeltaMapper(layout, 512 if clip_dim is None else clip_dim)
-    _load_strict(mapper, state, path)
+        clip_dim = 512 if clip_dim is None else clip_dim
+    _check_state(layout, clip_dim, state, path)
+    mapper = DeltaMapper(layout, clip_dim)
+    mapper.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return mapper.to(device)
 
 
-def _load_strict(mapper: DeltaMapper, state: dict[str, torch.Tensor], path: Path) -> None:
-    own = mapper.state_dict()
+def _check_state(
+    layout: SLayout | None, clip_dim: int, state: dict[str, torch.Tensor], path: Path
+) -> None:
+    """Keys and shapes of `state` against a mapper for this layout (built on "meta": no memory)."""
+    with torch.device("meta"):
+        own = DeltaMapper(layout, clip_dim).state_dict()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
     if missing or extra:
@@ -324,4 +330,3 @@ def _load_strict(mapper: DeltaMapper, state: dict[str, torch.Tensor], path: Path
                 f"{path}: {key} has shape {tuple(state[key].shape)}, the mapper for this layout "
                 f"needs {tuple(value.shape)} (a mapper for another S layout or CLIP dim?)"
             )
-    mapper.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
