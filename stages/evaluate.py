@@ -214,6 +214,12 @@ def run(
     src = RowStore.open(dataset_urls(cfg.store)["s"])
     generator = generator or load_generator_ref(generator_ref or GeneratorRef(), device)
     clip = clip or load_clip_ref(clip_ref, device)
+    recorded = src.attrs.get("generator")
+    if isinstance(recorded, str) and recorded != generator.fingerprint:
+        raise EvaluateError(
+            f"{src.url} was made with generator {recorded[:12]}, params name "
+            f"{generator.fingerprint[:12]}; set generator: to the one that made the store"
+        )
     for n, st in stores.items():
         a = st.attrs
         if a.get("stage") != "edit":
