@@ -84,7 +84,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 10  # steps averaged per logged training loss
     memory_budget_mb: float = 1024.0  # pair sampler: in memory if it fits, else shard-blocked
-    prefetch: int = 4  # batches prepared ahead in a background thread (0 = none)
+    prefetch: int = 4  # batches prepared ahead in a thread, shard-blocked sampler (0 = none)
     expect_clip_fingerprint: str | None = None  # refuse stores of another CLIP (prefix ok)
     expect_generator_fingerprint: str | None = None  # refuse stores of another generator
     shuffle_targets: bool = False  # negative control: targets of other pairs (chance level)
@@ -674,7 +674,10 @@ def _run(
         unit="step",
         disable=not progress,
     )
-    prefetch = Prefetcher(make, start, cfg.iterations, cfg.prefetch)
+    # In memory a batch is a few fancy-indexing ops (well under 1 ms): drawing it in
+    # the loop is cheaper than handing it over from a thread that competes for the GIL.
+    depth = cfg.prefetch if sampler.mode == "sharded" else 0
+    prefetch = Prefetcher(make, start, cfg.iterations, depth)
     t0 = time.perf_counter()
     step = start
     try:
