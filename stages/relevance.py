@@ -360,7 +360,12 @@ def run(
     )
     pending = out.pending_blocks()
     summary = run_blocks(
-        task, pending, execution, f"relevance {cfg.method}", out.n_blocks, progress
+        task,
+        pending,
+        execution,
+        f"relevance {cfg.method} (rows = S channels, toRGB skipped)",
+        out.n_blocks,
+        progress,
     )
     log(summary.line())
     return read_relevance(out.url)
