@@ -229,9 +229,8 @@ class ModulatedConv(nn.Module):
         wsq = w.square().sum(dim=(2, 3))  # [C_out, C_in]
         if self.upsample:
             w = w.transpose(0, 1)  # conv_transpose2d layout [C_in, C_out, k, k]
-            if not fresh:
-                w = w.contiguous()
-        if not fresh:
+        if not fresh:  # stored in the layout the NHWC convolution reads (no per-call reorder)
+            w = w.contiguous(memory_format=torch.channels_last)
             self._prep = (key, w, wsq)
         return w, wsq
 
@@ -272,21 +271,38 @@ class StyledConv(nn.Module):
         self.activate = BiasLeakyReLU(c_out)
         self.clamp = clamp
 
-    def forward(self, x: Tensor, s: Tensor, noise: Tensor | None, fir: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, s: Tensor, noise: Tensor | None, fir: Tensor, const: bool = False
+    ) -> Tensor:
+        """`const`: `noise` is the layer's buffer (its shift may be cached)."""
         out, demod = self.conv(x, s, fir)
         # lrelu(a) * sqrt2 = lrelu(sqrt2 * a): one fused multiply-add, then the activation
-        shift = self.activate.bias[None, :, None, None]  # [1, C, 1, 1]
-        if noise is not None:  # bias + strength * noise, built in NHWC order: [1|B, C, H, W]
-            nb, _, h, w = noise.shape
-            shift = (
-                self.activate.bias.view(1, 1, 1, -1) + (self.noise.weight * noise).view(nb, h, w, 1)
-            ).permute(0, 3, 1, 2)
-        out = torch.addcmul(shift * SQRT2, out, (demod * SQRT2)[:, :, None, None].to(out.dtype))
+        shift = self.shift(noise, cacheable=const)
+        out = torch.addcmul(shift, out, (demod * SQRT2)[:, :, None, None].to(out.dtype))
         if torch.is_grad_enabled() and out.requires_grad:
             out = F.leaky_relu(out, 0.2)
         else:
             out = F.leaky_relu_(out, 0.2)
         return out if self.clamp is None else out.clamp(-self.clamp, self.clamp)
+
+    def shift(self, noise: Tensor | None, cacheable: bool = False) -> Tensor:
+        """sqrt2 * (bias + strength * noise) [1|B, C, H, W], built in NHWC order; the
+        constant-noise one is cached while bias, strength and buffer are unchanged."""
+        bias, strength = self.activate.bias, self.noise.weight
+        if noise is None:
+            return (bias * SQRT2)[None, :, None, None]
+        key = tuple((t._version, t.data_ptr()) for t in (bias, strength, noise))
+        grad = torch.is_grad_enabled() and (bias.requires_grad or strength.requires_grad)
+        fresh = grad or not cacheable or noise.shape[0] != 1
+        cache = getattr(self, "_shift", None)
+        if not fresh and cache is not None and cache[0] == key:
+            return cache[1]
+        nb, _, h, w = noise.shape
+        out = (bias * SQRT2).view(1, 1, 1, -1) + (strength * SQRT2 * noise).view(nb, h, w, 1)
+        out = out.permute(0, 3, 1, 2)
+        if not fresh:
+            self._shift = (key, out)
+        return out
 
 
 class ToRGB(nn.Module):
@@ -460,15 +476,16 @@ class Generator(nn.Module):
         """s [B, D] -> image [B, 3, H, W], the raw output (never clamped)."""
         styles = self.split_s(s)
         noise = self._noises(s.shape[0], noise_mode)
+        const = noise_mode == "const"
         fir = self.fir
         x = self.input.input.expand(s.shape[0], -1, -1, -1)
         if self.channels_last:  # NHWC: faster convolutions on CPU (oneDNN) and GPU
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self.conv1(x, styles[0], noise[0], fir)
+        x = self.conv1(x, styles[0], noise[0], fir, const)
         img = self.to_rgb1(x, styles[1], None, fir)
         for i in range(len(self.to_rgbs)):
-            x = self.convs[2 * i](x, styles[3 * i + 2], noise[2 * i + 1], fir)
-            x = self.convs[2 * i + 1](x, styles[3 * i + 3], noise[2 * i + 2], fir)
+            x = self.convs[2 * i](x, styles[3 * i + 2], noise[2 * i + 1], fir, const)
+            x = self.convs[2 * i + 1](x, styles[3 * i + 3], noise[2 * i + 2], fir, const)
             img = self.to_rgbs[i](x, styles[3 * i + 4], img, fir)
         return img.contiguous()
 
