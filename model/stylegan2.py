@@ -36,6 +36,7 @@ Results agree with the reference within ~1e-5 (conformance test, atol 1e-4).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -76,6 +77,9 @@ class GeneratorConfig:
     conv_clamp: float | None = None  # NVIDIA configs clamp activations at 256
     blur_kernel: tuple[int, ...] = (1, 3, 3, 1)
     mapping_dims: tuple[int, ...] | None = field(default=None)  # hidden widths if not W
+
+    def __hash__(self) -> int:  # the channel table is a dict: hash the canonical form
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
 
     @property
     def in_dim(self) -> int:

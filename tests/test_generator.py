@@ -343,3 +343,13 @@ def test_cached_weights_follow_in_place_updates():
     with torch.no_grad():
         G.load_state_dict(H.state_dict())
         torch.testing.assert_close(G.synthesize(s), H.synthesize(s), rtol=0, atol=0)
+
+
+def test_config_roundtrip_and_hashable():
+    for cfg in CONFIGS.values():
+        back = GeneratorConfig.from_dict(cfg.to_dict())
+        assert back == cfg and hash(back) == hash(cfg)
+    with pytest.raises(ValueError, match="lacks resolutions"):
+        GeneratorConfig(64, 32, 2, {4: 8, 8: 8, 16: 8, 32: 8}).validate()
+    with pytest.raises(ValueError, match="power of two"):
+        GeneratorConfig(48, 32, 2, {4: 8}).validate()
