@@ -69,6 +69,7 @@ class WorldTrainConfig:
     ae_batch: int = 32
     ae_lr: float = 2e-3
     ae_l1: float = 0.1
+    ae_init: str | None = None  # continue from generator/e4e.safetensors in this folder
     ae_max_minutes: float = 40.0  # stop early (and say so) past this wall time; 0 = no cap
     clip_iterations: int = 1500
     clip_batch: int = 128
@@ -157,8 +158,15 @@ def train_autoencoder(
     from model.e4e import create_e4e
     from model.stylegan2 import create_generator
 
-    G = create_generator(generator_config or cfg.generator_config, seed=cfg.seed)
-    E = create_e4e(e4e_config or cfg.e4e_config, seed=cfg.seed + 1)
+    if cfg.ae_init:
+        from model.e4e import load_e4e
+        from model.stylegan2 import load_generator
+
+        G = load_generator(Path(cfg.ae_init) / "generator.safetensors")
+        E = load_e4e(Path(cfg.ae_init) / "e4e.safetensors")
+    else:
+        G = create_generator(generator_config or cfg.generator_config, seed=cfg.seed)
+        E = create_e4e(e4e_config or cfg.e4e_config, seed=cfg.seed + 1)
     G.train().requires_grad_(True)
     E.train().requires_grad_(True)
     params = [p for p in list(G.parameters()) + list(E.parameters()) if p.requires_grad]
@@ -344,6 +352,7 @@ def run(
         )
         log["fingerprint"] = clip.fingerprint
         log["train_config"] = dataclasses.asdict(cfg)
+        log["continued_from"] = _previous(metrics_path, "clip") if cfg.clip_init else None
         metrics["clip"] = log
         updated.add("clip")
         if progress:
@@ -379,6 +388,7 @@ def run(
         log["generator_fingerprint"] = G.fingerprint
         log["e4e_fingerprint"] = E.fingerprint
         log["train_config"] = dataclasses.asdict(cfg)
+        log["continued_from"] = _previous(metrics_path, "autoencoder") if cfg.ae_init else None
         metrics["autoencoder"] = log
         updated.add("autoencoder")
         if progress:
@@ -390,12 +400,8 @@ def run(
     if all(
         (out / f).exists() for f in ("clip.safetensors", "generator.safetensors", "e4e.safetensors")
     ):
-        G, E, clip = load_world_models(out)
-        recon = reconstruct(G, E, held.images).clamp(-1, 1)
-        metrics["clip_zero_shot_on_reconstructions"] = zero_shot_accuracy(
-            clip, recon, held.scenes, cfg.preprocessing
-        )
-        updated.add("clip_zero_shot_on_reconstructions")
+        metrics["combined"] = combined_metrics(out, world, held, cfg.preprocessing)
+        updated.add("combined")
     # merge into the file as it is now (another `--only` run may have written meanwhile)
     merged = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     merged.update({k: v for k, v in metrics.items() if k not in merged or k in updated})
@@ -403,6 +409,50 @@ def run(
     tmp.write_text(json.dumps(merged, indent=1))
     tmp.replace(metrics_path)
     return merged
+
+
+def _previous(metrics_path: Path, key: str) -> dict | None:
+    """The run a continued training started from (its log without the loss curve)."""
+    if not metrics_path.exists():
+        return None
+    prev = json.loads(metrics_path.read_text()).get(key)
+    return {k: v for k, v in prev.items() if k != "loss_curve"} if prev else None
+
+
+ORACLE_EDITS: tuple[tuple[str, str], ...] = (
+    ("color", "blue"),
+    ("shape", "square"),
+    ("background", "black"),
+    ("size", "large"),
+)
+
+
+@torch.no_grad()
+def combined_metrics(
+    folder: str | Path, world: WorldConfig, held: WorldData, preprocessing: str = "deltaedit"
+) -> dict:
+    """Metrics of the saved models together: CLIP zero-shot on reconstructions, and the
+    ceiling of each ORACLE_EDITS edit (the encoder's code of the true counterfactual,
+    scored like an edit: what a perfect mapper could reach)."""
+    from stages.world import counterfactual
+    from stages.world_eval import evaluate_edits
+
+    G, E, clip = load_world_models(folder)
+    recon = reconstruct(G, E, held.images).clamp(-1, 1)
+    out: dict[str, Any] = {
+        "clip_zero_shot_on_reconstructions": zero_shot_accuracy(
+            clip, recon, held.scenes, preprocessing
+        )
+    }
+    sub = held.scenes[:128]
+    s_source = G.w_to_s(E(held.images[: len(sub)])).numpy()
+    for attribute, value in ORACLE_EDITS:
+        cf = [counterfactual(s, attribute, value) for s in sub]
+        x = torch.from_numpy(to_unit(render_many(cf, world)))
+        s_oracle = G.w_to_s(E(x)).numpy()
+        report = evaluate_edits(sub, s_oracle, attribute, value, G, world, s_source=s_source)
+        out[f"oracle_{attribute}_{value}"] = report
+    return out
 
 
 def load_world_models(folder: str | Path = "weights/world"):

@@ -10,6 +10,7 @@ import click
 from pipeline.common import config, load, params_options
 
 COMMANDS: list[click.Command] = []
+SUMMARY_KEYS = ("iterations", "seconds", "heldout_psnr", "zero_shot", "judge_on_reconstructions")
 
 
 @click.group("world")
@@ -59,15 +60,24 @@ def render_cmd(
 )
 def train_cmd(params_path: str, sets: tuple[str, ...], only: str, out_dir: str | None) -> None:
     """Train the world's generator + e4e encoder (autoencoder) and its tiny CLIP."""
-    from stages.world_train import WorldTrainConfig, run
-
+    from model.checkpoint import CheckpointError
     from stages.world import WorldConfig
+    from stages.world_train import WorldTrainConfig, run
 
     params = load(params_path, sets, {"world_train.out_dir": out_dir})
     world_cfg = config(params, "world", WorldConfig)
     cfg = config(params, "world_train", WorldTrainConfig)
-    metrics = run(cfg, world_cfg, only=only)
-    click.echo(json.dumps(metrics, indent=1))
+    try:
+        metrics = run(cfg, world_cfg, only=only)
+    except (CheckpointError, ValueError, OSError) as exc:
+        raise click.ClickException(f"world train: {exc}") from None
+    summary = {
+        k: {m: v for m, v in metrics[k].items() if m in SUMMARY_KEYS}
+        for k in ("autoencoder", "clip")
+        if k in metrics
+    }
+    click.echo(json.dumps(summary, indent=1))
+    click.echo(f"world train: weights and metrics.json in {cfg.out_dir}")
 
 
 @world.command("judge-check")
