@@ -172,8 +172,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     register_config(VIT, get_config("ViT-B-32-quickgelu"), overwrite=True)
-    repeats = 5 if args.quick else 3
-    n_tiny, n_vit, n_s_tiny, n_s_256 = (256, 32, 512, 32) if args.quick else (512, 512, 2048, 128)
+    repeats = 3
+    n_tiny, n_vit, n_s_tiny, n_s_256 = (256, 24, 512, 24) if args.quick else (512, 512, 2048, 128)
     print(f"torch threads {torch.get_num_threads()}, repeats {repeats} (median)", flush=True)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

@@ -192,10 +192,11 @@ class _ClipTask:
     decode_threads: int
 
     def __call__(self, block: int) -> BlockReport:
+        device = resolve_device(self.device)  # on the worker: auto = its own GPU if any
         start = time.perf_counter()
         manifest = RowStore.open(self.manifest_url)
         out = RowStore.open(self.out_url)
-        clip = load_clip_ref(self.clip, self.device)
+        clip = load_clip_ref(self.clip, device)
         prep = self.clip.preprocessing
         rows = out.block_rows(block)
 
@@ -248,7 +249,7 @@ def run_encode_clip(
         mode="overwrite" if overwrite else "resume",
     )
     task = _ClipTask(
-        manifest_url, out_url, clip_ref, device, execution.batch_size, cfg.decode_threads
+        manifest_url, out_url, clip_ref, execution.device, execution.batch_size, cfg.decode_threads
     )
     summary = run_blocks(
         task, out.pending_blocks(), execution, "encode-clip", out.n_blocks, progress

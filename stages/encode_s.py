@@ -68,18 +68,19 @@ class _STask:
     keep_wplus: bool
 
     def __call__(self, block: int) -> BlockReport:
+        device = resolve_device(self.device)  # on the worker: auto = its own GPU if any
         start = time.perf_counter()
         manifest = RowStore.open(self.manifest_url)
         out = RowStore.open(self.out_url)
-        G = load_generator_ref(self.generator, self.device)
-        enc = load_e4e_ref(self.e4e, self.device)
+        G = load_generator_ref(self.generator, device)
+        enc = load_e4e_ref(self.e4e, device)
         rows = out.block_rows(block)
 
         def prepare(img: Image.Image) -> np.ndarray:
             return e4e_pixels(img, enc.input_size)
 
         def forward(arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
-            x = torch.from_numpy(np.stack(arrays)).to(self.device)
+            x = torch.from_numpy(np.stack(arrays)).to(device)
             x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [B, 3, S, S] in [-1, 1]
             with torch.no_grad():
                 wplus = enc(x)  # [B, L, W]
@@ -146,7 +147,7 @@ def run_encode_s(
         out_url,
         generator,
         e4e,
-        device,
+        execution.device,
         execution.batch_size,
         cfg.decode_threads,
         cfg.keep_wplus,

@@ -364,10 +364,14 @@ class _ImportTask:
     tag: str
     generator: GeneratorRef | None  # set: conv-only S is mapped into the full layout
     keep_wplus: bool
-    device: str
+    device: str  # as configured ('auto' resolves on the worker)
 
     def __call__(self, block: int) -> BlockReport:
         import torch
+
+        from stages.common import resolve_device
+
+        device = resolve_device(self.device)  # on the worker: auto = its own GPU if any
 
         from stages.execution import load_generator_ref
 
@@ -382,11 +386,11 @@ class _ImportTask:
         if self.wspace:
             wplus = np.array(np.load(self.wspace, mmap_mode="r")[rows], dtype=np.float32)
         if self.generator is not None:
-            G = load_generator_ref(self.generator, self.device)
+            G = load_generator_ref(self.generator, device)
             layout = G.layout
             s = np.zeros((n, layout.dim), dtype=np.float32)
             with torch.no_grad():
-                s_w = G.w_to_s(torch.from_numpy(wplus).to(self.device)).float().cpu().numpy()
+                s_w = G.w_to_s(torch.from_numpy(wplus).to(device)).float().cpu().numpy()
             s[:] = s_w  # toRGB styles from W+
             s[:, layout.conv_index()] = s_in  # conv styles exactly as published
         else:
@@ -522,7 +526,7 @@ def run_import_official(
         tag,
         generator if map_full else None,
         cfg.keep_wplus,
-        device,
+        execution.device,
     )
     summary = run_blocks(task, pending, execution, "import-official", manifest.n_blocks, progress)
     return ImportResult(cfg.out, summary, conv_only, [x for x in lines if x])

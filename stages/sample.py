@@ -71,10 +71,11 @@ class _SampleTask:
     batch_size: int
 
     def __call__(self, block: int) -> BlockReport:
+        device = resolve_device(self.device)  # on the worker: auto = its own GPU if any
         start = time.perf_counter()
         manifest, clip_store, s_store = (RowStore.open(u) for u in self.urls)
-        G = load_generator_ref(self.generator, self.device)
-        clip = load_clip_ref(self.clip, self.device)
+        G = load_generator_ref(self.generator, device)
+        clip = load_clip_ref(self.clip, device)
         rows = manifest.block_rows(block)
         n = rows.stop - rows.start
         s_out = np.zeros((n, G.layout.dim), dtype=np.float32)
@@ -83,7 +84,7 @@ class _SampleTask:
         with torch.no_grad():
             for lo in range(0, n, self.batch_size):
                 hi = min(lo + self.batch_size, n)
-                z = torch.from_numpy(z_all[lo:hi]).to(self.device)
+                z = torch.from_numpy(z_all[lo:hi]).to(device)
                 w = G.mapping(z, truncation=self.truncation)  # [B, W]
                 s = G.w_to_s(G.wplus(w))  # [B, D]
                 img = G.synthesize(s, noise_mode="const")  # [B, 3, H, W] raw
@@ -170,7 +171,7 @@ def run_sample(
         clip_ref,
         cfg.seed,
         cfg.truncation,
-        device,
+        execution.device,
         execution.batch_size,
     )
     summary = run_blocks(task, pending, execution, "sample", manifest.n_blocks, progress)

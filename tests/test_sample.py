@@ -138,7 +138,8 @@ def test_sample_killed_and_rerun_is_bitwise_equal_to_one_run(tmp_path):
     args = ["sample", "--n", "120", "-q", "--set", "sample.rows_per_shard=4"]
     args += ["--set", "execution.batch_size=4", "--params", "none.yaml"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(_cli([*args, "--out", str(ref)]), check=True, capture_output=True)
+    # the uninterrupted reference runs in this process (same thread settings as the CLI)
+    assert CliRunner().invoke(main, [*args, "--out", str(ref)]).exit_code == 0
     done = _kill_after_some_blocks([*args, "--out", str(killed)], killed / "manifest.zarr")
     n_blocks = RowStore.open(str(killed / "manifest.zarr")).n_blocks
     assert 2 <= done < n_blocks, "the pass must be killed part way"
@@ -176,7 +177,7 @@ def test_encode_clip_killed_and_rerun_is_bitwise_equal(tmp_path):
     shutil.copytree(tmp_path / "ref", tmp_path / "killed")
     common = ["--params", "none.yaml", "-q", "--set", "execution.batch_size=2"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(_cli(["encode-clip", "--dataset", str(ref), *common]), check=True)
+    assert CliRunner().invoke(main, ["encode-clip", "--dataset", str(ref), *common]).exit_code == 0
     done = _kill_after_some_blocks(
         ["encode-clip", "--dataset", str(killed), *common], killed / "clip.zarr"
     )
