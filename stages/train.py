@@ -521,6 +521,18 @@ def make_optimizer(mapper: DeltaMapper, lr: float, device: str) -> torch.optim.A
 
 # --- the stage ----------------------------------------------------------------------
 
+
+def batch_bytes(batch_size: int, conv_dim: int, clip_dim: int) -> int:
+    """One prepared batch: s and target [B, Dconv], cond [B, 2E], plus the raw draw."""
+    return 4 * batch_size * (4 * conv_dim + 4 * clip_dim)
+
+
+def sampler_budget(cfg: TrainConfig, conv_dim: int, clip_dim: int) -> int:
+    """memory_budget minus the batches queued ahead: the data path stays within the budget."""
+    queued = (cfg.prefetch + 2) * batch_bytes(cfg.batch_size, conv_dim, clip_dim)
+    return max(int(cfg.memory_budget_mb * 2**20) - queued, 0)
+
+
 SMALL_MAPPER = 2_000_000  # parameters; below this, one CPU thread per op is fastest
 
 
@@ -592,7 +604,7 @@ def _run(
             data.sources,
             cfg.batch_size,
             cfg.seed,
-            int(cfg.memory_budget_mb * 2**20),
+            sampler_budget(cfg, conv.size, data.clip_dim),
             s_columns=conv,
         )
     except StoreError as exc:
