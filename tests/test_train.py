@@ -171,7 +171,7 @@ def test_cli_trains_and_reports_bad_input_in_one_line(stores, tmp_path):
 
 def test_sharded_sampler_resume_is_exact(stores, tmp_path):
     """Stores larger than the memory budget: shard-blocked pairs, still an exact resume."""
-    kw = dict(iterations=24, checkpoint_every=10, val_every=12, memory_budget_mb=1.6)
+    kw = dict(iterations=24, checkpoint_every=10, val_every=12, memory_budget_mb=3.5)
     full = run(_cfg(stores, tmp_path / "full", **kw), progress=False, log=lambda _: None)
     assert full.sampler_mode == "sharded"
     cfg = _cfg(stores, tmp_path / "cut", **kw)
