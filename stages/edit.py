@@ -94,6 +94,17 @@ class TargetDelta:
     alpha: float
     mask: torch.Tensor  # [Dconv] bool: beta mask & level mask
 
+    def scale(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """alpha * mask [Dconv] on device (None when it is all ones: nothing to multiply)."""
+        key = (str(device), dtype)
+        cache = self.__dict__.setdefault("_scale", {})
+        if key not in cache:
+            if self.alpha == 1.0 and bool(self.mask.all()):
+                cache[key] = None
+            else:
+                cache[key] = (self.alpha * self.mask.to(torch.float64)).to(device, dtype)
+        return cache[key]
+
 
 def mapper_delta(
     mapper: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -102,11 +113,17 @@ def mapper_delta(
     targets: Sequence[TargetDelta],
 ) -> torch.Tensor:
     """delta_s_conv [B, Dconv] = sum_k alpha_k * mask_k * mapper(s_conv, cond_k)."""
-    total = torch.zeros_like(s_conv)
+    total = None
     for t in targets:
         d = mapper(s_conv, mapper_condition(c, t.delta_t))
-        total += t.alpha * d * t.mask.to(d.device, d.dtype)
-    return total
+        scale = t.scale(d.device, d.dtype)
+        if total is None:
+            total = d if scale is None else d * scale
+        elif scale is None:
+            total += d
+        else:
+            total.addcmul_(d, scale)
+    return torch.zeros_like(s_conv) if total is None else total
 
 
 def global_direction_delta(
