@@ -1,0 +1,103 @@
+"""`dvc repro` end to end on a copy of the working tree (issue 7).
+
+Runs the real pipeline with a smaller world (fewer rows, a short training) so it fits
+the suite's time; the stage graph, commands and params are those of dvc.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+SMALL = {
+    "world.n_images": 96,
+    "ingest.rows_per_shard": 32,
+    "sample.n": 32,
+    "sample.rows_per_shard": 32,
+    "relevance.n_images": 2,
+    "train.iterations": 60,
+    "train.val_every": 30,
+    "train.checkpoint_every": 30,
+    "render.max_rows": 8,
+    "evaluate.n_rows": 8,
+}
+
+
+def _tracked_files() -> list[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [f for f in out.stdout.splitlines() if (ROOT / f).is_file()]
+
+
+def _run(cmd: list[str], cwd: Path, env: dict) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-4000:]}"
+    return out
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> tuple[Path, dict]:
+    dst = tmp_path_factory.mktemp("repo")
+    for rel in _tracked_files():
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dst / rel)
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    for dotted, value in SMALL.items():
+        section, key = dotted.split(".")
+        params.setdefault(section, {})[key] = value
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    env.setdefault("GIT_AUTHOR_NAME", "t")
+    env.setdefault("GIT_AUTHOR_EMAIL", "t@example.com")
+    env.setdefault("GIT_COMMITTER_NAME", "t")
+    env.setdefault("GIT_COMMITTER_EMAIL", "t@example.com")
+    _run(["git", "init", "-q"], dst, env)
+    _run(["git", "add", "-A"], dst, env)
+    _run(["git", "commit", "-qm", "copy"], dst, env)
+    return dst, env
+
+
+def test_repro_runs_every_stage_then_nothing_then_only_what_a_prompt_touches(repo):
+    dst, env = repo
+    first = _run(["dvc", "repro"], dst, env)
+    stages = set(yaml.safe_load((dst / "dvc.yaml").read_text())["stages"])
+    assert _ran(first) == stages - {"world-train"}  # frozen: committed weights are used
+    assert (dst / "data/render/index.html").exists()
+    metrics = json.loads((dst / "data/metrics/edit/metrics.json").read_text())
+    assert set(metrics["edits"]) >= {"blue", "triangle"}
+
+    second = _run(["dvc", "repro"], dst, env)
+    assert _ran(second) == set()
+
+    params = yaml.safe_load((dst / "params.yaml").read_text())
+    params["edit"]["edits"][0]["target"] = "green shape"
+    (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = _run(["dvc", "repro"], dst, env)
+    assert _ran(third) == {"edit", "render", "evaluate"}
+
+    shown = _run(["dvc", "metrics", "show"], dst, env)
+    assert "data/metrics/edit/metrics.json" in shown
+    assert "data/metrics/train/metrics.json" in shown
