@@ -33,7 +33,7 @@ from model.checkpoint import sha256_file
 from stages import images
 from stages.common import ExecutionConfig, GeneratorRef
 from stages.config import require
-from stages.execution import BlockReport, PassSummary, run_blocks
+from stages.execution import BlockReport, PassSummary, prefetch_map, run_blocks
 from store import ArraySpec, RowStore, Status, store_url
 
 SCAN_NAME = ".ingest-scan"
@@ -48,9 +48,11 @@ class IngestConfig:
     max_pixels: int = 40_000_000  # images whose header claims more are TOO_LARGE, undecoded
     rows_per_shard: int = 1024
     extensions: tuple[str, ...] = images.IMAGE_EXTENSIONS
+    decode_threads: int = 2  # threads reading + decode-checking files, per block task
 
     def validate(self) -> None:
         require(bool(self.source), "source", self.source, "a folder or .tar path")
+        require(self.decode_threads >= 0, "decode_threads", self.decode_threads, "an integer >= 0")
         require(bool(self.out), "out", self.out, "a dataset folder or URL")
         require(self.max_pixels >= 1, "max_pixels", self.max_pixels, "an integer >= 1")
         require(self.rows_per_shard >= 1, "rows_per_shard", self.rows_per_shard, "an integer >= 1")
@@ -116,6 +118,7 @@ class _ScanTask:
     sources: tuple[str, ...]
     refused: tuple[str, ...]
     max_pixels: int
+    threads: int
 
     def __call__(self, block: int) -> BlockReport:
         start = time.perf_counter()
@@ -127,19 +130,25 @@ class _ScanTask:
         reason = np.full(n, "", dtype=object)
         status = np.zeros(n, dtype=np.uint8)
         with images.SourceReader(self.root) as reader:
-            for k, row in enumerate(range(rows.start, rows.stop)):
+
+            def check(row: int) -> tuple[int, str, images.Probe]:
+                """(status, reason, probe) of one source; runs in the decode threads."""
                 src = self.sources[row]
                 if self.refused[row]:
-                    status[k], reason[k] = Status.UNREADABLE, self.refused[row]
-                    continue
+                    return Status.UNREADABLE, self.refused[row], images.Probe("UNREADABLE")
                 try:
                     data = reader.read(src)
                 except (OSError, ValueError) as exc:
-                    status[k], reason[k] = Status.UNREADABLE, f"cannot read: {exc}"
-                    continue
+                    return Status.UNREADABLE, f"cannot read: {exc}", images.Probe("UNREADABLE")
                 got = images.probe(data, self.max_pixels)
-                status[k] = Status[got.outcome]
-                sha[k], size[k], reason[k] = got.sha256, got.size, got.reason
+                return Status[got.outcome], got.reason, got
+
+            todo = range(rows.start, rows.stop)
+            for k, (st, why, got) in enumerate(
+                prefetch_map(check, todo, self.threads, ahead=4 * max(self.threads, 1))
+            ):
+                status[k], reason[k] = st, why
+                sha[k], size[k] = got.sha256, got.size
         scan.write_block(
             block, {"sha256": sha.astype(str), "size": size, "reason": reason.astype(str)}, status
         )
@@ -227,7 +236,9 @@ def run_ingest(
     pending = manifest.pending_blocks()
     if pending:
         scan = RowStore.create(scan_url, n, cfg.rows_per_shard, SCAN_ARRAYS, attrs, mode=mode)
-        task = _ScanTask(scan_url, root, tuple(sources), tuple(refused), cfg.max_pixels)
+        task = _ScanTask(
+            scan_url, root, tuple(sources), tuple(refused), cfg.max_pixels, cfg.decode_threads
+        )
         scan_summary = run_blocks(
             task, scan.pending_blocks(), execution, "ingest", scan.n_blocks, progress
         )
