@@ -221,3 +221,18 @@ def test_corrupt_tar_is_one_refused_row(tmp_path):
 
 def test_image_extensions_cover_the_common_formats():
     assert set(images.IMAGE_EXTENSIONS) >= {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif"}
+
+
+def test_a_mode_that_cannot_convert_is_unsupported_mode(monkeypatch):
+    def refuse(img):
+        raise ValueError(f"conversion from {img.mode} not supported")
+
+    monkeypatch.setattr(images, "to_rgb", refuse)
+    got = probe(_bytes(_rgb(8), "PNG"), max_pixels=1000)
+    assert got.outcome == images.UNSUPPORTED_MODE and "not supported" in got.reason
+    assert got.size == (8, 8)
+
+
+def test_decode_at_encode_time_is_bounded_too():
+    with pytest.raises(ValueError, match="max_pixels"):
+        decode_rgb(huge_png_header(5000, 5000), max_pixels=1_000_000)
