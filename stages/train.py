@@ -113,6 +113,9 @@ class TrainConfig:
         require(self.prefetch >= 0, "prefetch", self.prefetch, "an integer >= 0")
         require(self.cpu_threads >= 0, "cpu_threads", self.cpu_threads, "an integer >= 0")
         require(self.out.endswith(".safetensors"), "out", self.out, "a path ending .safetensors")
+        for key in ("expect_clip_fingerprint", "expect_generator_fingerprint"):
+            fp = getattr(self, key)
+            require(fp is None or len(fp) >= 8, key, fp, "a fingerprint (or its first >= 8 chars)")
 
     def trajectory(self) -> dict[str, Any]:
         return {k: _plain(getattr(self, k)) for k in TRAJECTORY_KEYS}

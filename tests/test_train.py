@@ -129,6 +129,8 @@ def test_refuses_stores_that_do_not_belong_together(stores, tmp_path):
         run(_cfg(stores, tmp_path, expect_clip_fingerprint="e" * 64))
     with pytest.raises(TrainError, match="expect_generator_fingerprint"):
         run(_cfg(stores, tmp_path, expect_generator_fingerprint="f" * 12))
+    with pytest.raises(ValueError, match="expect_clip_fingerprint"):
+        run(_cfg(stores, tmp_path, expect_clip_fingerprint="abc"))
 
 
 def test_bad_input_is_one_clear_error(stores, tmp_path):
