@@ -23,7 +23,14 @@ from model.clip import UPSAMPLE
 from stages import images
 from stages.common import ClipRef, ExecutionConfig, resolve_device
 from stages.config import require
-from stages.execution import BlockReport, PassSummary, load_clip_ref, prefetch_map, run_blocks
+from stages.execution import (
+    BlockReport,
+    PassSummary,
+    create_output,
+    load_clip_ref,
+    prefetch_map,
+    run_blocks,
+)
 from store import ArraySpec, RowStore, Status, store_url
 
 
@@ -224,8 +231,10 @@ def run_encode_clip(
     execution: ExecutionConfig,
     overwrite: bool = False,
     progress: bool = True,
+    restart_on_change: bool = False,
 ) -> EncodeResult:
-    """Encode every OK manifest row of `cfg.dataset` into `<dataset>/clip.zarr`; resumable."""
+    """Encode every OK manifest row of `cfg.dataset` into `<dataset>/clip.zarr`; resumable
+    (see execution.create_output for overwrite / restart_on_change)."""
     device = resolve_device(execution.device)
     manifest_url = store_url(cfg.dataset, "manifest")
     manifest = RowStore.open(manifest_url, require_complete=True)
@@ -240,13 +249,16 @@ def run_encode_clip(
         "manifest": manifest.fingerprint,
     }
     out_url = store_url(cfg.dataset, "clip")
-    out = RowStore.create(
+    notes: list[str] = []
+    out = create_output(
         out_url,
         manifest.n_rows,
         manifest.rows_per_shard,
         {"embed": ArraySpec((clip.embed_dim,), "float32")},
         attrs,
-        mode="overwrite" if overwrite else "resume",
+        overwrite,
+        restart_on_change,
+        notes,
     )
     task = _ClipTask(
         manifest_url, out_url, clip_ref, execution.device, execution.batch_size, cfg.decode_threads
@@ -254,4 +266,5 @@ def run_encode_clip(
     summary = run_blocks(
         task, out.pending_blocks(), execution, "encode-clip", out.n_blocks, progress
     )
+    summary.notes.extend(notes)
     return EncodeResult(out_url, summary)

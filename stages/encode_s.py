@@ -20,7 +20,13 @@ from PIL import Image
 from stages.common import E4ERef, ExecutionConfig, GeneratorRef, resolve_device
 from stages.config import require
 from stages.encode_clip import EncodeResult, assemble, counts_of, encode_image_block
-from stages.execution import BlockReport, load_e4e_ref, load_generator_ref, run_blocks
+from stages.execution import (
+    BlockReport,
+    create_output,
+    load_e4e_ref,
+    load_generator_ref,
+    run_blocks,
+)
 from store import ArraySpec, RowStore, store_url
 
 
@@ -109,6 +115,7 @@ def run_encode_s(
     execution: ExecutionConfig,
     overwrite: bool = False,
     progress: bool = True,
+    restart_on_change: bool = False,
 ) -> EncodeResult:
     """Invert every OK manifest row of `cfg.dataset` into `<dataset>/s.zarr`; resumable."""
     device = resolve_device(execution.device)
@@ -134,13 +141,16 @@ def run_encode_s(
         "manifest": manifest.fingerprint,
     }
     out_url = store_url(cfg.dataset, "s")
-    out = RowStore.create(
+    notes: list[str] = []
+    out = create_output(
         out_url,
         manifest.n_rows,
         manifest.rows_per_shard,
         arrays,
         attrs,
-        mode="overwrite" if overwrite else "resume",
+        overwrite,
+        restart_on_change,
+        notes,
     )
     task = _STask(
         manifest_url,
@@ -153,4 +163,5 @@ def run_encode_s(
         cfg.keep_wplus,
     )
     summary = run_blocks(task, out.pending_blocks(), execution, "encode-s", out.n_blocks, progress)
+    summary.notes.extend(notes)
     return EncodeResult(out_url, summary)

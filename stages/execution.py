@@ -55,6 +55,7 @@ class PassSummary:
     reasons: list[str] = field(default_factory=list)
     n_reasons: int = 0
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # pass-level remarks (restarted outputs)
 
     def add(self, report: BlockReport) -> None:
         self.blocks_run += 1
@@ -84,9 +85,9 @@ class PassSummary:
 
     def details(self) -> list[str]:
         """The per-row problem lines (at most MAX_REASON_LINES, then a count)."""
-        lines = list(self.reasons)
-        if self.n_reasons > len(lines):
-            lines.append(f"... and {self.n_reasons - len(lines)} more")
+        lines = [*self.notes, *self.reasons]
+        if self.n_reasons > len(self.reasons):
+            lines.append(f"... and {self.n_reasons - len(self.reasons)} more")
         return lines
 
 
@@ -267,3 +268,32 @@ def load_e4e_ref(ref: E4ERef, device: str):
         return e.eval().requires_grad_(False)
 
     return cached(("e4e", ref, device), load)
+
+
+# --- stage outputs ------------------------------------------------------------------------------
+
+
+def create_output(
+    url: str,
+    n_rows: int,
+    rows_per_shard: int,
+    arrays: dict,
+    attrs: dict,
+    overwrite: bool,
+    restart_on_change: bool,
+    notes: list[str],
+):
+    """A stage's output store: resumed when it was made from the same inputs and models;
+    otherwise an error (FingerprintMismatch / StoreError naming the difference), or, with
+    `restart_on_change` (what `dvc repro` wants after a params change), started over with a
+    note. `overwrite` always starts over. Never replaces something that is not a store."""
+    from store import FingerprintMismatch, RowStore, StoreError
+
+    mode = "overwrite" if overwrite else "resume"
+    try:
+        return RowStore.create(url, n_rows, rows_per_shard, arrays, attrs, mode=mode)
+    except (FingerprintMismatch, StoreError) as exc:
+        if not restart_on_change or type(exc) not in (FingerprintMismatch, StoreError):
+            raise
+        notes.append(f"{url}: made from other inputs or models, started over ({exc})")
+        return RowStore.create(url, n_rows, rows_per_shard, arrays, attrs, mode="overwrite")

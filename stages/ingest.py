@@ -33,7 +33,7 @@ from model.checkpoint import sha256_file
 from stages import images
 from stages.common import ExecutionConfig, GeneratorRef
 from stages.config import require
-from stages.execution import BlockReport, PassSummary, prefetch_map, run_blocks
+from stages.execution import BlockReport, PassSummary, create_output, prefetch_map, run_blocks
 from store import ArraySpec, RowStore, Status, store_url
 
 SCAN_NAME = ".ingest-scan"
@@ -202,6 +202,7 @@ def run_ingest(
     execution: ExecutionConfig,
     overwrite: bool = False,
     progress: bool = True,
+    restart_on_change: bool = False,
 ) -> IngestResult:
     """List `cfg.source`, scan every file, write `<out>/manifest.zarr`; resumable."""
     src = Path(cfg.source)
@@ -226,16 +227,15 @@ def run_ingest(
         "root": root,
         "max_pixels": cfg.max_pixels,
     }
-    mode = "overwrite" if overwrite else "resume"
+    notes: list[str] = []
+    how = (overwrite, restart_on_change, notes)
     manifest_url = store_url(cfg.out, "manifest")
     scan_url = store_url(cfg.out, SCAN_NAME)
-    manifest = RowStore.create(
-        manifest_url, n, cfg.rows_per_shard, MANIFEST_ARRAYS, attrs, mode=mode
-    )
+    manifest = create_output(manifest_url, n, cfg.rows_per_shard, MANIFEST_ARRAYS, attrs, *how)
     scan_summary = PassSummary("ingest scan", manifest.n_blocks)
     pending = manifest.pending_blocks()
     if pending:
-        scan = RowStore.create(scan_url, n, cfg.rows_per_shard, SCAN_ARRAYS, attrs, mode=mode)
+        scan = create_output(scan_url, n, cfg.rows_per_shard, SCAN_ARRAYS, attrs, *how)
         task = _ScanTask(
             scan_url, root, tuple(sources), tuple(refused), cfg.max_pixels, cfg.decode_threads
         )
@@ -269,6 +269,7 @@ def run_ingest(
             )
     _remove(scan_url)
     summary = manifest_summary(manifest, scan_summary.seconds)
+    summary.notes.extend(notes)
     return IngestResult(manifest_url, scan_summary, summary, summary.details())
 
 
@@ -410,9 +411,14 @@ class _ImportTask:
         if self.keep_wplus:
             data["wplus"] = wplus
         status = np.full(n, Status.OK, dtype=np.uint8)
-        s_store.write_block(block, data, status)
-        clip_store.write_block(block, {"embed": c}, status)
+        # a store that already holds this block (another store of the set restarted) keeps it
+        if not s_store.done_mask()[block]:
+            s_store.write_block(block, data, status)
+        if not clip_store.done_mask()[block]:
+            clip_store.write_block(block, {"embed": c}, status)
         ids = range(rows.start, rows.stop)
+        if manifest.done_mask()[block]:
+            return BlockReport(block, n, {"OK": n}, (), time.perf_counter() - start)
         manifest.write_block(
             block,
             {
@@ -441,6 +447,7 @@ def run_import_official(
     execution: ExecutionConfig,
     overwrite: bool = False,
     progress: bool = True,
+    restart_on_change: bool = False,
 ) -> ImportResult:
     """DeltaEdit's published latents -> `<out>/{manifest,clip,s}.zarr`; resumable."""
     from stages.common import resolve_device
@@ -494,7 +501,8 @@ def run_import_official(
     files = [p for p in (cfg.sspace, cfg.cspace, cfg.wspace) if p]
     files_fp = file_fingerprint(files)
     tag = Path(cfg.sspace).name
-    mode = "overwrite" if overwrite else "resume"
+    notes: list[str] = []
+    how = (overwrite, restart_on_change, notes)
     rps = cfg.rows_per_shard
     common = {"stage": "import-official", "files": [Path(p).name for p in files]}
     s_tail = (layout.conv_dim if conv_only else layout.dim,)
@@ -519,11 +527,11 @@ def run_import_official(
     }
     m_attrs = {**common, "fingerprint": files_fp, "root": "", "max_pixels": 0}
     urls = tuple(store_url(cfg.out, name) for name in ("manifest", "clip", "s"))
-    manifest = RowStore.create(urls[0], n, rps, MANIFEST_ARRAYS, m_attrs, mode=mode)
-    clip_store = RowStore.create(
-        urls[1], n, rps, {"embed": ArraySpec((c_arr.shape[1],), "float32")}, c_attrs, mode
+    manifest = create_output(urls[0], n, rps, MANIFEST_ARRAYS, m_attrs, *how)
+    clip_store = create_output(
+        urls[1], n, rps, {"embed": ArraySpec((c_arr.shape[1],), "float32")}, c_attrs, *how
     )
-    s_store = RowStore.create(urls[2], n, rps, s_arrays, s_attrs, mode)
+    s_store = create_output(urls[2], n, rps, s_arrays, s_attrs, *how)
     pending = sorted(
         set(manifest.pending_blocks())
         | set(clip_store.pending_blocks())
@@ -540,7 +548,8 @@ def run_import_official(
         execution.device,
     )
     summary = run_blocks(task, pending, execution, "import-official", manifest.n_blocks, progress)
-    return ImportResult(cfg.out, summary, conv_only, [x for x in lines if x])
+    summary.notes.extend(notes)
+    return ImportResult(cfg.out, summary, conv_only, [*notes, *(x for x in lines if x)])
 
 
 def _conv_check(G, s_arr: np.ndarray, w_arr: np.ndarray, device: str) -> str:

@@ -27,6 +27,7 @@ from stages.config import require
 from stages.execution import (
     BlockReport,
     PassSummary,
+    create_output,
     load_clip_ref,
     load_generator_ref,
     run_blocks,
@@ -92,9 +93,14 @@ class _SampleTask:
                 s_out[lo:hi] = s.float().cpu().numpy()
                 c_out[lo:hi] = c.float().cpu().numpy()
         status = np.full(n, Status.OK, dtype=np.uint8)
-        s_store.write_block(block, {"s": s_out}, status)
-        clip_store.write_block(block, {"embed": c_out}, status)
+        # a store that already holds this block (another store of the set restarted) keeps it
+        if not s_store.done_mask()[block]:
+            s_store.write_block(block, {"s": s_out}, status)
+        if not clip_store.done_mask()[block]:
+            clip_store.write_block(block, {"embed": c_out}, status)
         row_ids = range(rows.start, rows.stop)
+        if manifest.done_mask()[block]:
+            return BlockReport(block, n, {"OK": n}, (), time.perf_counter() - start)
         manifest.write_block(
             block,
             {
@@ -122,6 +128,7 @@ def run_sample(
     execution: ExecutionConfig,
     overwrite: bool = False,
     progress: bool = True,
+    restart_on_change: bool = False,
 ) -> SampleResult:
     """Sample `cfg.n` rows into `<cfg.out>/{manifest,clip,s}.zarr`; resumable."""
     from stages.ingest import MANIFEST_ARRAYS
@@ -150,15 +157,16 @@ def run_sample(
         json.dumps({"generator": G.fingerprint, **sample_attrs}, sort_keys=True).encode()
     ).hexdigest()
     m_attrs = {"stage": "sample", "fingerprint": m_fp, "root": "", "max_pixels": 0, **sample_attrs}
-    mode = "overwrite" if overwrite else "resume"
+    notes: list[str] = []
+    how = (overwrite, restart_on_change, notes)
     rps = cfg.rows_per_shard
     urls = tuple(store_url(cfg.out, name) for name in ("manifest", "clip", "s"))
-    manifest = RowStore.create(urls[0], cfg.n, rps, MANIFEST_ARRAYS, m_attrs, mode=mode)
-    clip_store = RowStore.create(
-        urls[1], cfg.n, rps, {"embed": ArraySpec((clip.embed_dim,), "float32")}, c_attrs, mode
+    manifest = create_output(urls[0], cfg.n, rps, MANIFEST_ARRAYS, m_attrs, *how)
+    clip_store = create_output(
+        urls[1], cfg.n, rps, {"embed": ArraySpec((clip.embed_dim,), "float32")}, c_attrs, *how
     )
-    s_store = RowStore.create(
-        urls[2], cfg.n, rps, {"s": ArraySpec((G.layout.dim,), "float32")}, s_attrs, mode
+    s_store = create_output(
+        urls[2], cfg.n, rps, {"s": ArraySpec((G.layout.dim,), "float32")}, s_attrs, *how
     )
     pending = sorted(
         set(manifest.pending_blocks())
@@ -175,4 +183,5 @@ def run_sample(
         execution.batch_size,
     )
     summary = run_blocks(task, pending, execution, "sample", manifest.n_blocks, progress)
+    summary.notes.extend(notes)
     return SampleResult(cfg.out, summary)

@@ -188,3 +188,19 @@ def test_encode_clip_killed_and_rerun_is_bitwise_equal(tmp_path):
     b = RowStore.open(str(killed / "clip.zarr"), require_complete=True)
     assert a.read("embed").tobytes() == b.read("embed").tobytes()
     assert a.status().tobytes() == b.status().tobytes()
+
+
+def test_restart_on_change_starts_over_only_when_inputs_changed(tmp_path):
+    out = str(tmp_path / "smp")
+    args = ["sample", "--n", "4", "--out", out, "-q", "--params", "p.yaml", "--restart-on-change"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    same = CliRunner().invoke(main, args)
+    assert "1 blocks already done" in same.output and "started over" not in same.output
+    plain = CliRunner().invoke(
+        main, [a for a in args if a != "--restart-on-change"] + ["--seed", "7"]
+    )
+    assert plain.exit_code != 0 and "overwrite" in plain.output  # default: stop, say how
+    changed = CliRunner().invoke(main, [*args, "--seed", "7"])
+    assert changed.exit_code == 0 and "started over" in changed.output
+    assert _arrays(Path(out))["source"][1] == "sample:7:1"

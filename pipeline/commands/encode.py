@@ -32,6 +32,12 @@ COMMANDS: list[click.Command] = []
 _overwrite = click.option(
     "--overwrite", is_flag=True, help="Discard existing outputs and start over (default: resume)."
 )
+_restart = click.option(
+    "--restart-on-change",
+    is_flag=True,
+    help="Resume when the output was made from the same inputs and models, else start over "
+    "(for dvc repro after a params change; default: stop with an error naming the change).",
+)
 _quiet = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 
 
@@ -53,10 +59,17 @@ def _echo_summary(summary, details: list[str] | None = None) -> None:
 @click.argument("source", required=False)
 @click.option("--out", help="Dataset folder for manifest.zarr [params ingest.out].")
 @_overwrite
+@_restart
 @_quiet
 @params_options
 def ingest_cmd(
-    source: str | None, out: str | None, overwrite: bool, quiet: bool, params_path: str, sets
+    source: str | None,
+    out: str | None,
+    overwrite: bool,
+    restart_on_change: bool,
+    quiet: bool,
+    params_path: str,
+    sets,
 ) -> None:
     """Index a folder of images (or webdataset .tar shards) into <out>/manifest.zarr.
 
@@ -66,7 +79,7 @@ def ingest_cmd(
     params = load(params_path, sets, {"ingest.source": source, "ingest.out": out})
     cfg = config(params, "ingest", IngestConfig)
     execution = config(params, "execution", ExecutionConfig)
-    result = _run(lambda: run_ingest(cfg, execution, overwrite, progress=not quiet))
+    result = _run(lambda: run_ingest(cfg, execution, overwrite, not quiet, restart_on_change))
     _echo_summary(result.summary, result.lines)
     click.echo(f"wrote {result.manifest}")
 
@@ -77,6 +90,7 @@ def ingest_cmd(
 @click.option("--wspace", help="wspace_*_feat.npy [params import_official.wspace].")
 @click.option("--out", help="Dataset folder [params import_official.out].")
 @_overwrite
+@_restart
 @_quiet
 @params_options
 def import_official_cmd(
@@ -85,6 +99,7 @@ def import_official_cmd(
     wspace: str | None,
     out: str | None,
     overwrite: bool,
+    restart_on_change: bool,
     quiet: bool,
     params_path: str,
     sets,
@@ -101,7 +116,9 @@ def import_official_cmd(
     generator = config(params, "generator", GeneratorRef)
     execution = config(params, "execution", ExecutionConfig)
     result = _run(
-        lambda: run_import_official(cfg, generator, execution, overwrite, progress=not quiet)
+        lambda: run_import_official(
+            cfg, generator, execution, overwrite, not quiet, restart_on_change
+        )
     )
     _echo_summary(result.summary, result.lines)
     kind = "conv-only S (layout recorded)" if result.conv_only else "full S"
@@ -111,17 +128,25 @@ def import_official_cmd(
 @click.command("encode-clip")
 @click.option("--dataset", help="Dataset folder holding manifest.zarr [encode_clip.dataset].")
 @_overwrite
+@_restart
 @_quiet
 @params_options
 def encode_clip_cmd(
-    dataset: str | None, overwrite: bool, quiet: bool, params_path: str, sets
+    dataset: str | None,
+    overwrite: bool,
+    restart_on_change: bool,
+    quiet: bool,
+    params_path: str,
+    sets,
 ) -> None:
     """CLIP image embeddings of every OK manifest row -> <dataset>/clip.zarr."""
     params = load(params_path, sets, {"encode_clip.dataset": dataset})
     cfg = config(params, "encode_clip", EncodeClipConfig)
     clip_ref = config(params, "clip", ClipRef)
     execution = config(params, "execution", ExecutionConfig)
-    result = _run(lambda: run_encode_clip(cfg, clip_ref, execution, overwrite, not quiet))
+    result = _run(
+        lambda: run_encode_clip(cfg, clip_ref, execution, overwrite, not quiet, restart_on_change)
+    )
     _echo_summary(result.summary)
     click.echo(f"wrote {result.out}")
 
@@ -129,16 +154,28 @@ def encode_clip_cmd(
 @click.command("encode-s")
 @click.option("--dataset", help="Dataset folder holding manifest.zarr [encode_s.dataset].")
 @_overwrite
+@_restart
 @_quiet
 @params_options
-def encode_s_cmd(dataset: str | None, overwrite: bool, quiet: bool, params_path: str, sets) -> None:
+def encode_s_cmd(
+    dataset: str | None,
+    overwrite: bool,
+    restart_on_change: bool,
+    quiet: bool,
+    params_path: str,
+    sets,
+) -> None:
     """e4e inversion of every OK manifest row -> W+ -> S -> <dataset>/s.zarr."""
     params = load(params_path, sets, {"encode_s.dataset": dataset})
     cfg = config(params, "encode_s", EncodeSConfig)
     generator = config(params, "generator", GeneratorRef)
     e4e = config(params, "e4e", E4ERef)
     execution = config(params, "execution", ExecutionConfig)
-    result = _run(lambda: run_encode_s(cfg, generator, e4e, execution, overwrite, not quiet))
+    result = _run(
+        lambda: run_encode_s(
+            cfg, generator, e4e, execution, overwrite, not quiet, restart_on_change
+        )
+    )
     _echo_summary(result.summary)
     click.echo(f"wrote {result.out}")
 
@@ -148,6 +185,7 @@ def encode_s_cmd(dataset: str | None, overwrite: bool, quiet: bool, params_path:
 @click.option("--seed", type=int, help="Seed [params sample.seed].")
 @click.option("--out", help="Dataset folder [params sample.out].")
 @_overwrite
+@_restart
 @_quiet
 @params_options
 def sample_cmd(
@@ -155,6 +193,7 @@ def sample_cmd(
     seed: int | None,
     out: str | None,
     overwrite: bool,
+    restart_on_change: bool,
     quiet: bool,
     params_path: str,
     sets,
@@ -165,7 +204,11 @@ def sample_cmd(
     generator = config(params, "generator", GeneratorRef)
     clip_ref = config(params, "clip", ClipRef)
     execution = config(params, "execution", ExecutionConfig)
-    result = _run(lambda: run_sample(cfg, generator, clip_ref, execution, overwrite, not quiet))
+    result = _run(
+        lambda: run_sample(
+            cfg, generator, clip_ref, execution, overwrite, not quiet, restart_on_change
+        )
+    )
     _echo_summary(result.summary)
     click.echo(f"wrote {result.out}/{{manifest,clip,s}}.zarr")
 
