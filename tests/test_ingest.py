@@ -115,7 +115,8 @@ def test_rerun_resumes_and_changed_folder_needs_overwrite(tmp_path):
     (src / "new.png").write_bytes((src / "good/b.png").read_bytes())
     with pytest.raises(FingerprintMismatch):
         run_ingest(cfg, EXEC, progress=False)
-    redone = run_ingest(cfg, EXEC, overwrite=True, progress=False)
+    redone = run_ingest(cfg, EXEC, progress=False, restart_on_change=True)
+    assert any("started over" in ln for ln in redone.lines)
     m = RowStore.open(redone.manifest)
     assert "new.png" in m.read("source").tolist()
     st = dict(zip(m.read("source").tolist(), m.status().tolist(), strict=True))
