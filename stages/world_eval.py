@@ -84,7 +84,9 @@ def evaluate_edits(
     """Score one edit (attribute -> value) over rows whose truth is `scenes`.
 
     scenes: the source rows' scenes; s_edit [N, D]: their edited S codes; s_source
-    [N, D] (optional): the unedited codes, for the no-edit baseline. Rows whose
+    [N, D] (optional): the unedited codes, for the no-edit baseline and for
+    `others_kept_vs_reconstruction` (kept relative to the judge's reading of the
+    unedited reconstruction, not of the clean source). Rows whose
     source already has the target value are counted (`n_already`) but left out of
     the means. Returns a JSON-ready dict.
     """
@@ -149,6 +151,33 @@ def evaluate_edits(
         report["no_edit_psnr_vs_counterfactual"] = mean(psnr_uint8(source, truth_images))
         source_truth = np.stack([render(s, world) for s in scenes])
         report["reconstruction_psnr"] = mean(psnr_uint8(source, source_truth))
+        # the same judgements against what the judge reads in the unedited reconstruction:
+        # separates what the edit changed from what the autoencoder already lost
+        source_readings = judge_images(source, world)
+        kept_rec = {
+            a: np.array(
+                [
+                    getattr(r, a) == getattr(q, a)
+                    for r, q in zip(readings, source_readings, strict=True)
+                ]
+            )
+            for a in others
+        }
+        report["others_kept_vs_reconstruction"] = {
+            a: mean(kept_rec[a].astype(float)) for a in others
+        }
+        report["reconstruction_judged_correct"] = {
+            a: mean(
+                np.array(
+                    [
+                        getattr(q, a) == getattr(t, a)
+                        for q, t in zip(source_readings, scenes, strict=True)
+                    ],
+                    float,
+                )
+            )
+            for a in ATTRIBUTES
+        }
     if per_row:
         report["rows"] = {
             "reached": reached.tolist(),

@@ -43,6 +43,8 @@ def test_a_perfect_edit_scores_perfectly_and_no_edit_scores_zero():
     assert perfect["centroid_drift_px"] < 0.2
     assert perfect["psnr_vs_counterfactual"] > 60
     assert perfect["no_edit_psnr_vs_counterfactual"] < 30
+    assert perfect["reconstruction_psnr"] == 100.0
+    assert perfect["others_kept_vs_reconstruction"]["shape"] == 1.0
     none = evaluate_edits(src, s_src, "color", "blue", G, world)
     assert none["target_reached"] == 0.0 and none["all_others_kept"] == 1.0
 
