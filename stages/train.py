@@ -72,7 +72,7 @@ class TrainConfig:
     stores: tuple[str, ...] = ("data/images", "data/sampled")  # roots with clip.zarr + s.zarr
     out: str = "data/mapper.safetensors"
     metrics_dir: str = "data/metrics/train"
-    iterations: int = 2000
+    iterations: int = 4000
     batch_size: int = 64
     lr: float = 0.5  # on the official parametrization (EqualLinear lr_mul 0.01)
     l2_lambda: float = 1.0
