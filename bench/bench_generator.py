@@ -63,10 +63,12 @@ def rounds(fns: dict, repeats: int, device: torch.device) -> dict[str, tuple[flo
             sync(device)
             w1, c1 = clock()
             out[name].append(own if isinstance(own, tuple) else (w1 - w0, c1 - c0))
-    return {
+    med = {
         k: (statistics.median(t[0] for t in v), statistics.median(t[1] for t in v))
         for k, v in out.items()
     }
+    med["_raw"] = out  # type: ignore[assignment]
+    return med
 
 
 def conv_shapes(G: Generator) -> list[tuple[str, int, int, int, int]]:
@@ -191,7 +193,16 @@ def bench_one(name: str, resolution: int, batch: int, quick: bool, device: torch
         for fn in fns.values():  # warm-up
             fn()
         t = rounds(fns, reps, device)
-    k = 0 if device.type == "cuda" else 1  # CPU: process CPU seconds (robust to load)
+        # S vs W+: paired per round (both ran back to back), plus more pairs: robust to load
+        extra = rounds({"S": fns["S"], "W+": fns["W+"]}, 2 if (quick and big) else 4, device)
+        k = 0 if device.type == "cuda" else 1
+        pairs = [
+            w[k] / s_[k]
+            for raw in (t["_raw"], extra["_raw"])
+            for s_, w in zip(raw["S"], raw["W+"], strict=True)
+        ]
+        t_w2s = rounds({"w_to_s": lambda: G.w_to_s(wplus)}, 5, device)["w_to_s"]
+    # k: 0 = wall (CUDA), 1 = process CPU seconds (CPU: robust to other processes' load)
     t_s, t_roof = t["S"][k], min(t["bare NCHW"][k], t["bare NHWC"][k])
     result = {
         "config": name,
@@ -205,7 +216,9 @@ def bench_one(name: str, resolution: int, batch: int, quick: bool, device: torch
         "peak_mib": peak_mib,
         "t_synthesize": t_s,
         "t_synthesize_w": t["W+"][k],
-        "s_vs_wplus": t["W+"][k] / t_s,
+        "s_vs_wplus": statistics.median(pairs),
+        "s_vs_wplus_pairs": len(pairs),
+        "w_to_s_share": t_w2s[k] / t_s,
         "gflop_per_image": fl / batch / 1e9,
         "achieved_gflops": fl / t_s / 1e9,
         "roofline_gflops": fl / t_roof / 1e9,
@@ -264,7 +277,9 @@ def main() -> None:
             f"{row['roofline_gflops']:.1f} {unit} (NCHW {row['roofline_nchw_gflops']:.1f}, "
             f"NHWC {row['roofline_nhwc_gflops']:.1f}) -> {row['fraction_of_roofline']:.2f} "
             f"of roofline\n"
-            f"  S path vs W+ path: t(W+)/t(S) = {row['s_vs_wplus']:.3f}"
+            f"  S path vs W+ path: t(W+)/t(S) = {row['s_vs_wplus']:.3f} (median of "
+            f"{row['s_vs_wplus_pairs']} back-to-back pairs); w_to_s alone = "
+            f"{row['w_to_s_share']:.4f} of synthesize"
         )
         if "t_grouped_baseline" in row:
             print(
