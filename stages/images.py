@@ -232,6 +232,12 @@ class SourceReader:
 # --- decoding --------------------------------------------------------------------------------
 
 
+class _TooLarge(ValueError):
+    def __init__(self, message: str, size: tuple[int, int]) -> None:
+        super().__init__(message)
+        self.size = size
+
+
 def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     """Open (header only) and refuse an image whose header claims more than max_pixels."""
     img = Image.open(io.BytesIO(data))
@@ -239,12 +245,6 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     if w * h > max_pixels:
         raise _TooLarge(f"{w}x{h} = {w * h} pixels, over max_pixels={max_pixels}", (w, h))
     return img
-
-
-class _TooLarge(ValueError):
-    def __init__(self, message: str, size: tuple[int, int]) -> None:
-        super().__init__(message)
-        self.size = size
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
