@@ -71,7 +71,7 @@ class WorldTrainConfig:
     ae_l1: float = 0.1
     ae_init: str | None = None  # continue from generator/e4e.safetensors in this folder
     ae_max_minutes: float = 40.0  # stop early (and say so) past this wall time; 0 = no cap
-    clip_iterations: int = 1500
+    clip_iterations: int = 3000
     clip_batch: int = 128
     clip_lr: float = 1e-3
     clip_max_minutes: float = 12.0

@@ -1,0 +1,165 @@
+"""Training the world models: a few steps on tiny data, and the committed weights."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from model.clip import load_clip, register_config
+from model.e4e import E4EConfig, load_e4e
+from model.stylegan2 import GeneratorConfig, load_generator
+from pipeline.cli import main
+from stages.world import WorldConfig, sample_caption, sample_scene, scenes
+from stages.world_train import (
+    HELD_OUT_SEED_OFFSET,
+    WorldTrainConfig,
+    fit_matrix,
+    make_data,
+    multi_positive_infonce,
+    psnr,
+    reconstruct,
+    train_autoencoder,
+    train_clip,
+    zero_shot_accuracy,
+)
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "world"
+# narrow versions of the world networks: same structure, a fraction of the compute
+TINY_G = GeneratorConfig(32, 16, 1, {4: 16, 8: 16, 16: 8, 32: 8})
+TINY_E = E4EConfig(32, (8, 8, 8, 16), (1, 1, 1, 1), n_latent=8, w_dim=16, se_reduction=4)
+TINY_CLIP = {
+    "embed_dim": 32,
+    "quick_gelu": False,
+    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 4, "head_width": 16},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1},
+}
+register_config("world-clip-test", TINY_CLIP)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny networks gain nothing from a second thread; on busy shared cores two threads
+    # spin against each other and a few steps take minutes instead of seconds
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _decreases(curve: list[float], k: int = 4) -> bool:
+    return float(np.mean(curve[-k:])) < float(np.mean(curve[:k]))
+
+
+def test_autoencoder_loss_decreases_in_a_few_steps():
+    torch.manual_seed(0)
+    data = make_data(WorldConfig(seed=1), 48)
+    cfg = WorldTrainConfig(ae_iterations=16, ae_batch=4, ae_max_minutes=0)
+    G, E, log = train_autoencoder(cfg, data, False, TINY_G, TINY_E)
+    assert log["iterations"] == 16 and _decreases(log["loss_curve"]), log["loss_curve"]
+    assert not any(p.requires_grad for p in G.parameters())
+    out = reconstruct(G, E, data.images[:2])
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_clip_loss_decreases_in_a_few_steps():
+    world = WorldConfig(seed=2)
+    data = make_data(world, 64)
+    cfg = WorldTrainConfig(
+        clip_iterations=12,
+        clip_batch=16,
+        clip_lr=2e-3,
+        clip_max_minutes=0,
+        clip_name="world-clip-test",
+    )
+    clip, log = train_clip(cfg, world, data, progress=False)
+    assert _decreases(log["loss_curve"]), log["loss_curve"]
+    assert clip.fingerprint != load_clip("world-clip-test", seed=0).fingerprint
+    acc = zero_shot_accuracy(clip, data.images[:8], data.scenes[:8])
+    assert set(acc) == {"shape", "color", "background", "size"}
+
+
+def test_multi_positive_targets_count_every_fitting_caption():
+    world = WorldConfig(seed=0)
+    sc = [sample_scene(world, i) for i in range(6)]
+    rng = np.random.default_rng(0)
+    caps = [sample_caption(s, rng) for s in sc]
+    m = fit_matrix(sc, caps)
+    assert torch.all(torch.diagonal(m) == 1)
+    for i in range(6):
+        for j in range(6):
+            assert bool(m[i, j]) == all(
+                getattr(sc[i], a) == v for a, v in caps[j].attributes.items()
+            )
+    # perfectly aligned embeddings that separate non-fitting pairs: lower loss than random
+    e = torch.eye(6)
+    scale = torch.tensor(np.log(10.0))
+    assert multi_positive_infonce(e, e, m, scale) < multi_positive_infonce(e, e.flip(0), m, scale)
+
+
+def test_world_train_cli_rejects_bad_values(tmp_path):
+    res = CliRunner().invoke(
+        main,
+        ["world", "train", "--params", str(tmp_path / "x.yaml"), "--set", "world_train.ae_lr=-1"],
+    )
+    assert res.exit_code != 0 and "world_train.ae_lr: got -1" in res.output
+    assert "Traceback" not in res.output
+
+
+# --- the committed weights ---------------------------------------------------------
+
+
+def _metrics() -> dict:
+    return json.loads((WEIGHTS / "metrics.json").read_text())
+
+
+def test_committed_world_models_load_and_reach_their_recorded_metrics():
+    metrics = _metrics()
+    G = load_generator(WEIGHTS / "generator.safetensors")
+    E = load_e4e(WEIGHTS / "e4e.safetensors")
+    clip = load_clip(str(WEIGHTS / "clip.safetensors"))
+    assert G.fingerprint == metrics["autoencoder"]["generator_fingerprint"]
+    assert clip.fingerprint == metrics["clip"]["fingerprint"]
+    # fresh renders: a world seed neither training nor the recorded held-out set used
+    world = WorldConfig(seed=metrics["world"]["seed"] + 7 * HELD_OUT_SEED_OFFSET)
+    data = make_data(world, 160)
+    p = float(psnr(reconstruct(G, E, data.images), data.images).mean())
+    assert p >= metrics["autoencoder"]["heldout_psnr"] - 1.0
+    acc = zero_shot_accuracy(clip, data.images, data.scenes)
+    for a, recorded in metrics["clip"]["zero_shot"].items():
+        assert acc[a] >= recorded - 0.05, (a, acc[a], recorded)
+    assert min(acc.values()) >= 0.9
+    assert scenes(world, 0, 1)[0] == data.scenes[0]
+
+
+def test_world_train_cli_writes_weights_and_metrics(tmp_path):
+    out = tmp_path / "w"
+    sets = {
+        "n_train": 16,
+        "n_heldout": 12,
+        "ae_iterations": 2,
+        "ae_batch": 2,
+        "clip_iterations": 2,
+        "clip_batch": 8,
+        "clip_name": "world-clip-test",
+        "threads": 1,
+    }
+    args = ["world", "train", "--params", str(tmp_path / "x.yaml"), "--out", str(out)]
+    for k, v in sets.items():
+        args += ["--set", f"world_train.{k}={v}"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    for name in ("generator", "e4e", "clip"):
+        assert (out / f"{name}.safetensors").exists() and (out / f"{name}.json").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["autoencoder"]["iterations"] == 2 and metrics["clip"]["iterations"] == 2
+    assert set(metrics["clip"]["zero_shot"]) == {"shape", "color", "background", "size"}
+    oracle = metrics["combined"]["oracle_color_blue"]
+    assert oracle["status"] == "ok" and oracle["n_rows"] == 12
+    # a later --only clip run keeps the autoencoder's metrics
+    res = CliRunner().invoke(main, [*args, "--only", "clip"])
+    assert res.exit_code == 0, res.output
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["autoencoder"] == metrics["autoencoder"]
