@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_train_data import CLIP_FP, GEN_FP, TINY_LAYOUT, write_pair_store
+from train_data import CLIP_FP, GEN_FP, TINY_LAYOUT, write_pair_store
 
 from model.layout import SLayout
 from model.mapper import load_mapper
