@@ -112,3 +112,33 @@ def judge_check_cmd(params_path: str, sets: tuple[str, ...], out_path: str | Non
 
 
 COMMANDS.append(world)
+
+
+@world.command("evaluate")
+@params_options
+@click.option("--n-rows", type=int, default=None, help="Held-out rows per edit (n_rows).")
+@click.option("--out", "out_dir", default=None, help="Metrics folder (world_evaluate.out).")
+def evaluate_cmd(
+    params_path: str, sets: tuple[str, ...], n_rows: int | None, out_dir: str | None
+) -> None:
+    """Score the edits against the world's truth (judge, counterfactual renders) with the
+    no-edit, oracle image-delta, global-direction and truth-reconstruction baselines."""
+    from model.checkpoint import CheckpointError
+    from stages.common import ClipRef, E4ERef, ExecutionConfig, GeneratorRef
+    from stages.world_evaluate import WorldEvaluateConfig, family_table, run
+    from store import StoreError
+
+    params = load(
+        params_path, sets, {"world_evaluate.n_rows": n_rows, "world_evaluate.out": out_dir}
+    )
+    cfg = config(params, "world_evaluate", WorldEvaluateConfig)
+    generator = config(params, "generator", GeneratorRef)
+    clip = config(params, "clip", ClipRef)
+    e4e = config(params, "e4e", E4ERef)
+    execution = config(params, "execution", ExecutionConfig)
+    try:
+        metrics = run(cfg, generator, clip, e4e, execution, log=click.echo)
+    except (StoreError, CheckpointError, FileNotFoundError, KeyError, ValueError) as exc:
+        line = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        raise click.ClickException(f"world evaluate: {line}") from None
+    click.echo(family_table(metrics["families"]))
