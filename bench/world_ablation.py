@@ -46,7 +46,13 @@ from stages.evaluate import held_out_rows  # noqa: E402
 from stages.execution import load_clip_ref, load_generator_ref  # noqa: E402
 from stages.train import TrainConfig  # noqa: E402
 from stages.world_eval import evaluate_edits, scenes_for_ids  # noqa: E402
-from stages.world_evaluate import FAMILIES, prompt_to_target  # noqa: E402
+from stages.world_evaluate import (  # noqa: E402
+    FAMILIES,
+    clip_embed,
+    oracle_s,
+    prompt_to_target,
+    truth_images_for,
+)
 from store import RowStore  # noqa: E402
 
 LEVELS = {
@@ -114,7 +120,13 @@ class Setup:
             targets = prepare_targets(
                 edit, neutral, self.clip, self.edit_cfg.templates, self.rel.directions, self.layout
             )
-            if method == "mapper":
+            if method == "no-edit":
+                s_edit = self.s
+            elif method == "oracle":  # the mapper on the true image delta (world_evaluate)
+                truth = truth_images_for(self.scenes, attribute, value, self.world)
+                c_true = clip_embed(self.clip, truth, self.clip_ref.preprocessing)
+                s_edit = oracle_s(self.mapper, self.s, self.c, c_true, self.layout)
+            elif method == "mapper":
                 s_edit = edit_rows(self.s, self.c, targets, self.layout, self.mapper, None, 64)
             else:
                 s_std = torch.as_tensor(self.rel.s_std[self.layout.conv_index()])
@@ -191,7 +203,7 @@ def seed_runs(setup: Setup, seeds: tuple[int, ...]) -> None:
             fams = setup.score("mapper", 1.0, 0.0, LEVELS["all"])
             results.append(fams)
             print(fmt_row(f"seed {seed} ({time.perf_counter() - t0:.0f} s)", fams))
-    print(header())
+    print(f"mean +- std over seeds {seeds}:")
     for k in KEYS:
         line = f"{k:<26}"
         for f in FAMILIES:
@@ -216,6 +228,12 @@ def main() -> None:
     )
     print("cells: target reached, all others kept, PSNR vs counterfactual (dB), drift (px)")
     print(header())
+    print(fmt_row("baseline: no edit", setup.score("no-edit", 1.0, 0.0, LEVELS["all"])))
+    print(
+        fmt_row(
+            "baseline: oracle image delta (mapper)", setup.score("oracle", 1.0, 0.0, LEVELS["all"])
+        )
+    )
     for method, alpha, beta, lv in configs(args.full):
         fams = setup.score(method, alpha, beta, LEVELS[lv])
         print(fmt_row(f"{method} a={alpha:g} b={beta:g} {lv}", fams), flush=True)

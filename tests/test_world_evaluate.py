@@ -230,3 +230,48 @@ def test_bad_input_is_one_line(world_setup, tmp_path):
     empty = WorldEvaluateConfig(**{**cfg.__dict__, "edits": ()})
     with pytest.raises(WorldEvaluateError, match="no edits"):
         run(empty, GEN, CLIP, E4E, CPU, log=lambda _: None)
+
+
+def test_oracle_embeds_images_exactly_as_encode_clip(world_setup):
+    """The oracle's CLIP(true counterpart) must be comparable with the stored c_i."""
+    from PIL import Image
+
+    from stages.execution import load_clip_ref
+    from stages.world_evaluate import clip_embed
+    from store import RowStore
+
+    c = RowStore.open(str(world_setup / "images" / "clip.zarr")).read("embed", rows=slice(0, 4))
+    ids = RowStore.open(str(world_setup / "images" / "manifest.zarr")).read("ids")[:4]
+    imgs = np.stack([np.asarray(Image.open(world_setup / "world" / f"{i}.png")) for i in ids])
+    got = clip_embed(load_clip_ref(CLIP, "cpu"), imgs, CLIP.preprocessing)
+    np.testing.assert_allclose(got, c, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_world_evaluate(world_setup, tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    cfg = _cfg(world_setup, edits=("large", "fluffy"), methods=("edit", "no_edit"))
+    section = {**cfg.__dict__, "edits": list(cfg.edits), "methods": list(cfg.methods)}
+    section |= {"out": str(tmp_path / "m"), "truth_dir": str(tmp_path / "t"), "alphas": []}
+    params = {
+        "generator": {"path": GEN.path},
+        "clip": {"name": CLIP.name, "weights": CLIP.weights, "preprocessing": "deltaedit"},
+        "e4e": {"path": E4E.path},
+        "execution": {"device": "cpu"},
+        "world_evaluate": section,
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    res = CliRunner().invoke(main, ["world", "evaluate", "--params", str(tmp_path / "params.yaml")])
+    assert res.exit_code == 0, res.output
+    assert "size" in res.output and "no_edit" in res.output
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert metrics["families"]["size"]["edit"]["target_reached"] >= 0.9
+    assert metrics["families"]["color"] == {"status": "no scorable edit"}
+    bad = CliRunner().invoke(
+        main,
+        ["world", "evaluate", "--params", str(tmp_path / "params.yaml"), "--n-rows", "0"],
+    )
+    assert bad.exit_code != 0 and "n_rows" in bad.output and "Traceback" not in bad.output
