@@ -96,7 +96,7 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_prompt_touches(rep
     params["edit"]["edits"][0]["target"] = "green shape"
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = _run(["dvc", "repro"], dst, env)
-    assert _ran(third) == {"edit", "render", "evaluate"}
+    assert _ran(third) == {"edit", "world-evaluate", "render", "evaluate"}
 
     shown = _run(["dvc", "metrics", "show"], dst, env)
     assert "data/metrics/edit/metrics.json" in shown
