@@ -117,8 +117,16 @@ class Setup:
                 levels=levels,
             )
             neutral = self.edit_cfg.neutral_for(edit)
+            # the mapper moves its own channels (conv, or all with train.channels all)
+            work = self.mapper.s_layout if method == "mapper" else self.layout
             targets = prepare_targets(
-                edit, neutral, self.clip, self.edit_cfg.templates, self.rel.directions, self.layout
+                edit,
+                neutral,
+                self.clip,
+                self.edit_cfg.templates,
+                self.rel.directions,
+                self.layout,
+                work,
             )
             if method == "no-edit":
                 s_edit = self.s
@@ -127,7 +135,7 @@ class Setup:
                 c_true = clip_embed(self.clip, truth, self.clip_ref.preprocessing)
                 s_edit = oracle_s(self.mapper, self.s, self.c, c_true, self.layout)
             elif method == "mapper":
-                s_edit = edit_rows(self.s, self.c, targets, self.layout, self.mapper, None, 64)
+                s_edit = edit_rows(self.s, self.c, targets, work, self.mapper, None, 64)
             else:
                 s_std = torch.as_tensor(self.rel.s_std[self.layout.conv_index()])
                 gd = global_direction_delta(self.rel.directions, s_std, targets)

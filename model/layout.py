@@ -106,6 +106,25 @@ class SLayout:
             start += width
         return out
 
+    def mapper_layout(self, channels: str = "conv") -> SLayout:
+        """The layout the Delta Mapper sees: its `conv_layers` are the channels it maps.
+
+        "conv" (DeltaEdit): this layout itself (toRGB styles stay those of the source).
+        "all": every layer relabelled conv, so `conv_index()` / `conv_dim` /
+        `level_slices()` cover all D channels in S order (toRGB layers join the level
+        of their resolution; S order is resolution order, so levels stay contiguous).
+        """
+        if channels == "conv":
+            return self
+        if channels == "all":
+            return SLayout(
+                tuple(
+                    SLayer(la.name, la.resolution, "conv", la.w_index, la.channels, la.offset)
+                    for la in self.layers
+                )
+            )
+        raise ValueError(f"channels must be 'conv' or 'all', got {channels!r}")
+
     # --- serialization (store attrs, checkpoint configs) -------------------
     def to_dict(self) -> dict:
         return {"layers": [asdict(la) for la in self.layers]}

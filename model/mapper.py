@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -173,13 +174,20 @@ class DeltaMapper(nn.Module):
     """delta_s = DeltaMapper(s_conv [B, Dconv], cond [B, 2E]) -> [B, Dconv].
 
     layout None = the official 1024 config-f layout (exact official network).
+    channels "conv" (official) maps the conv channels; "all" (an extension) maps every
+    S channel, toRGB included: Dconv then reads "D" and s_layout.conv_index() = 0..D-1.
+    `layout` stays the generator's S layout; `s_layout` is the one the mapper sees.
     """
 
-    def __init__(self, layout: SLayout | None = None, clip_dim: int = 512) -> None:
+    def __init__(
+        self, layout: SLayout | None = None, clip_dim: int = 512, channels: str = "conv"
+    ) -> None:
         super().__init__()
         self.layout = layout if layout is not None else official_layout()
         self.clip_dim = int(clip_dim)
-        self.plans = plan_levels(self.layout)
+        self.channels = channels
+        self.s_layout = self.layout.mapper_layout(channels)
+        self.plans = plan_levels(self.s_layout)
         if not self.plans:
             raise ValueError("layout has no conv layers: nothing for the mapper to map")
         cond_dim = 2 * self.clip_dim
@@ -193,15 +201,23 @@ class DeltaMapper(nn.Module):
 
     @property
     def conv_dim(self) -> int:
-        return self.layout.conv_dim
+        """Width of the S slice the mapper maps (Dconv; D for channels "all")."""
+        return self.s_layout.conv_dim
+
+    def s_index(self) -> np.ndarray:
+        """Indices of the mapped channels in the flat S, in order."""
+        return self.s_layout.conv_index()
 
     def config(self) -> dict[str, Any]:
-        return {
+        config = {
             "format": FORMAT,
             "version": 1,
             "clip_dim": self.clip_dim,
             "layout": self.layout.to_dict(),
         }
+        if self.channels != "conv":  # official mappers keep the official config (fingerprint)
+            config["channels"] = self.channels
+        return config
 
     @property
     def fingerprint(self) -> str:
@@ -290,7 +306,9 @@ def load_mapper(
                 f"{path}: mapper made for CLIP dim {ck_clip}, expected {clip_dim}"
             )
         layout, clip_dim = ck_layout, ck_clip
+        channels = str(config.get("channels", "conv"))
     else:
+        channels = "conv"
         state = torch_load_safe(path)
         if (
             isinstance(state, dict)
@@ -304,18 +322,22 @@ def load_mapper(
             raise CheckpointError(f"{path}: not a state dict of tensors")
         state = {k.removeprefix("module."): v for k, v in state.items()}
         clip_dim = 512 if clip_dim is None else clip_dim
-    _check_state(layout, clip_dim, state, path)
-    mapper = DeltaMapper(layout, clip_dim)
+    _check_state(layout, clip_dim, state, path, channels)
+    mapper = DeltaMapper(layout, clip_dim, channels)
     mapper.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return mapper.to(device)
 
 
 def _check_state(
-    layout: SLayout | None, clip_dim: int, state: dict[str, torch.Tensor], path: Path
+    layout: SLayout | None,
+    clip_dim: int,
+    state: dict[str, torch.Tensor],
+    path: Path,
+    channels: str = "conv",
 ) -> None:
     """Keys and shapes of `state` against a mapper for this layout (built on "meta": no memory)."""
     with torch.device("meta"):
-        own = DeltaMapper(layout, clip_dim).state_dict()
+        own = DeltaMapper(layout, clip_dim, channels).state_dict()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
     if missing or extra:

@@ -393,16 +393,30 @@ def prepare_targets(
     templates: Sequence[str],
     relevance: torch.Tensor | None,
     layout: SLayout,
+    work: SLayout | None = None,
 ) -> list[TargetDelta]:
+    """Targets with masks over the channels the edit moves: `work`'s conv channels
+    (the mapper's `s_layout`; None = `layout`, the conv channels).
+
+    The relevance covers the conv channels only: with a mapper of channels "all" the
+    beta mask applies to the conv channels and the toRGB channels are always kept.
+    """
+    work = layout if work is None else work
     t_neutral = encode_prompt(clip, neutral, templates)
-    lv = level_mask(layout, edit.levels)
+    lv = level_mask(work, edit.levels)
+    conv_pos = None
+    if work is not layout:  # positions of the store's conv channels in work's channels
+        conv_pos = torch.from_numpy(np.flatnonzero(np.isin(work.conv_index(), layout.conv_index())))
     out = []
     for prompt, alpha in zip(edit.targets, edit.alphas, strict=True):
         dt = text_delta(encode_prompt(clip, prompt, templates), t_neutral)
+        keep = torch.ones(work.conv_dim, dtype=torch.bool)
         if edit.beta > 0:
-            keep = beta_mask(relevance, dt, edit.beta).cpu()
-        else:
-            keep = torch.ones(layout.conv_dim, dtype=torch.bool)
+            conv_keep = beta_mask(relevance, dt, edit.beta).cpu()
+            if conv_pos is None:
+                keep = conv_keep
+            else:
+                keep[conv_pos] = conv_keep
         out.append(TargetDelta(prompt, dt, float(alpha), keep & lv))
     return out
 
@@ -511,6 +525,8 @@ def run(
         mapper, mapper_cfg = _load_mapper(cfg.mapper, layout, clip.embed_dim)
         check_mapper(mapper, mapper_cfg, layout, clip, c_store.attrs)
         mapper = mapper.to(device).eval()
+    # the channels the edit moves: the mapper's (conv, or all with train.channels all)
+    work = getattr(mapper, "s_layout", layout) if mapper is not None else layout
     relevance = None
     need_rel = cfg.method == "global-direction" or any(e.beta > 0 for e in edits)
     if need_rel:
@@ -524,7 +540,9 @@ def run(
     prepared = []
     for edit in edits:
         neutral = cfg.neutral_for(edit)
-        targets = prepare_targets(edit, neutral, clip, cfg.templates, _dirs(relevance), layout)
+        targets = prepare_targets(
+            edit, neutral, clip, cfg.templates, _dirs(relevance), layout, work
+        )
         prepared.append((edit, neutral, targets))
 
     selected = np.zeros(s_store.n_rows, dtype=bool)
@@ -570,7 +588,7 @@ def run(
                 status = np.full(sl.stop - sl.start, int(Status.SKIPPED), dtype=np.uint8)
                 if len(idx):
                     s_new[idx] = edit_rows(
-                        s_blk, c_blk, targets, layout, mapper, gd, execution.batch_size, device
+                        s_blk, c_blk, targets, work, mapper, gd, execution.batch_size, device
                     )
                     status[idx] = int(Status.OK)
                 if writing is not None:
@@ -613,7 +631,10 @@ def edit_rows(
     batch_size: int,
     device: str = "cpu",
 ) -> np.ndarray:
-    """s' [n, D] for rows s [n, D] (c [n, E] for the mapper), in batches of batch_size."""
+    """s' [n, D] for rows s [n, D] (c [n, E] for the mapper), in batches of batch_size.
+
+    `layout`: the layout whose conv channels the delta covers (the mapper's s_layout).
+    """
     out = np.array(s, dtype=np.float32, copy=True)
     runs = conv_runs(layout)
     idx = layout.conv_index()

@@ -89,6 +89,9 @@ class TrainConfig:
     expect_generator_fingerprint: str | None = None  # refuse stores of another generator
     shuffle_targets: bool = False  # negative control: targets of other pairs (chance level)
     cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = auto (1 for a small mapper)
+    # S channels the mapper predicts: "conv" (DeltaEdit: toRGB styles stay the source's)
+    # or "all" (conv + toRGB; recorded in the mapper's config, the edit follows it)
+    channels: str = "conv"
 
     def validate(self) -> None:
         require(len(self.stores) >= 1, "stores", list(self.stores), "at least one store root")
@@ -112,13 +115,17 @@ class TrainConfig:
         require(self.memory_budget_mb > 0, "memory_budget_mb", self.memory_budget_mb, "> 0")
         require(self.prefetch >= 0, "prefetch", self.prefetch, "an integer >= 0")
         require(self.cpu_threads >= 0, "cpu_threads", self.cpu_threads, "an integer >= 0")
+        require(self.channels in ("conv", "all"), "channels", self.channels, "conv or all")
         require(self.out.endswith(".safetensors"), "out", self.out, "a path ending .safetensors")
         for key in ("expect_clip_fingerprint", "expect_generator_fingerprint"):
             fp = getattr(self, key)
             require(fp is None or len(fp) >= 8, key, fp, "a fingerprint (or its first >= 8 chars)")
 
     def trajectory(self) -> dict[str, Any]:
-        return {k: _plain(getattr(self, k)) for k in TRAJECTORY_KEYS}
+        out = {k: _plain(getattr(self, k)) for k in TRAJECTORY_KEYS}
+        if self.channels != "conv":  # conv (the default) keeps older states resumable
+            out["channels"] = self.channels
+        return out
 
 
 @dataclass
@@ -357,7 +364,7 @@ def make_validation_set(
     data: Dataset, cfg: TrainConfig, device: str, mean_rows: int = 4096
 ) -> ValidationSet | None:
     """Fixed held-out pairs (i, j uniform over all held-out rows) + baseline scores."""
-    conv = data.layout.conv_index()
+    conv = data.layout.mapper_layout(cfg.channels).conv_index()
     s_parts, c_parts = [], []
     for src, rows in zip(data.sources, data.held_out, strict=True):
         s, c = _read_rows(src, rows, conv)
@@ -594,10 +601,10 @@ def _run(
     out = Path(cfg.out)
     state_path = state_path_for(out)
     data = open_dataset(cfg)
-    conv = data.layout.conv_index()
+    conv = data.layout.mapper_layout(cfg.channels).conv_index()
 
     torch.manual_seed(cfg.seed)
-    mapper = DeltaMapper(data.layout, data.clip_dim).to(device)
+    mapper = DeltaMapper(data.layout, data.clip_dim, cfg.channels).to(device)
     threads = cpu_threads_for(cfg, mapper, device)
     if threads is not None:
         torch.set_num_threads(threads)

@@ -175,10 +175,11 @@ def reconstruct_s(e4e: Any, generator: Any, images: np.ndarray) -> np.ndarray:
 def oracle_s(
     mapper: Any, s: np.ndarray, c: np.ndarray, c_true: np.ndarray, layout: Any
 ) -> np.ndarray:
-    """s + mapper(s_conv, [c_hat || normalize(c_hat_true - c_hat)]) on the conv channels."""
+    """s + mapper(s_conv, [c_hat || normalize(c_hat_true - c_hat)]) on the mapper's channels
+    (conv, or all for a mapper trained with train.channels all)."""
     from stages.train import make_cond
 
-    idx = layout.conv_index()
+    idx = getattr(mapper, "s_layout", layout).conv_index()  # the mapper's channels
     s_conv = torch.from_numpy(np.ascontiguousarray(s[:, idx]))
     cond = make_cond(torch.from_numpy(c).float(), torch.from_numpy(c_true).float())
     delta = mapper(s_conv, cond).float().numpy()
