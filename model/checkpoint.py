@@ -111,3 +111,24 @@ def torch_load_safe(path: str | Path) -> Any:
         raise CheckpointError(
             f"{path}: cannot be loaded as a weights-only torch checkpoint ({exc})"
         ) from None
+
+
+def check_state_fits(
+    own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], source: Any, what: str
+) -> None:
+    """Refuse `state` unless its keys and shapes are exactly those of `own` (a module's
+    state dict, possibly on the meta device). The error names the file and what it was
+    loaded as."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: weights do not fit {what}: {len(missing)} missing (e.g. {missing[:4]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:4]})"
+        )
+    for key, ref in own.items():
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"{source}: {key} has shape {list(state[key].shape)}, expected "
+                f"{list(ref.shape)}: the weights do not fit {what}"
+            )

@@ -51,6 +51,7 @@ from safetensors.torch import load_file
 
 from model.checkpoint import (
     CheckpointError,
+    check_state_fits,
     config_path,
     fingerprint,
     load_checkpoint,
@@ -392,15 +393,7 @@ def _load_state(model: open_clip.CLIP, state: dict[str, torch.Tensor], name: str
     state = {k: v for k, v in state.items() if k in own or k not in buffers}  # e.g. attn_mask
     if "logit_scale" in state and state["logit_scale"].shape != own["logit_scale"].shape:
         state["logit_scale"] = state["logit_scale"].reshape(own["logit_scale"].shape)
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{src}: weights do not fit CLIP {name!r}: missing {missing[:4]}, unexpected "
-            f"{unexpected[:4]}, wrong shape {wrong[:4]} ({len(missing)}/{len(unexpected)}/"
-            f"{len(wrong)} in all); is it the right architecture name?"
-        )
+    check_state_fits(own, state, src, f"CLIP {name!r} (is it the right architecture name?)")
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
 
 

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from model.checkpoint import (
     CheckpointError,
+    check_state_fits,
     fingerprint,
     load_checkpoint,
     save_checkpoint,
@@ -396,14 +397,7 @@ def _load(config: E4EConfig, state: dict[str, Tensor], src: Any) -> E4E:
     with torch.device("meta"):
         model = E4E(config)
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{src}: weights do not fit e4e {config}: missing {missing[:4]}, unexpected "
-            f"{unexpected[:4]}, wrong shape {wrong[:4]}"
-        )
+    check_state_fits(own, state, src, f"e4e {config}")
     state = {k: v if k.endswith("num_batches_tracked") else v.float() for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model

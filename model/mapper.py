@@ -55,6 +55,7 @@ from torch import nn
 
 from model.checkpoint import (
     CheckpointError,
+    check_state_fits,
     fingerprint,
     load_checkpoint,
     save_checkpoint,
@@ -338,17 +339,5 @@ def _check_state(
     """Keys and shapes of `state` against a mapper for this layout (built on "meta": no memory)."""
     with torch.device("meta"):
         own = DeltaMapper(layout, clip_dim, channels).state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    if missing or extra:
-        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
-        raise CheckpointError(
-            f"{path}: keys do not match a Delta Mapper for this layout "
-            f"({len(missing)} missing, {len(extra)} unexpected; {what})"
-        )
-    for key, value in own.items():
-        if tuple(state[key].shape) != tuple(value.shape):
-            raise CheckpointError(
-                f"{path}: {key} has shape {tuple(state[key].shape)}, the mapper for this layout "
-                f"needs {tuple(value.shape)} (a mapper for another S layout or CLIP dim?)"
-            )
+    what = "a Delta Mapper for this layout (a mapper for another S layout or CLIP dim?)"
+    check_state_fits(own, state, path, what)

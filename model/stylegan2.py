@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 from model.checkpoint import (
     CheckpointError,
+    check_state_fits,
     fingerprint,
     load_checkpoint,
     save_checkpoint,
@@ -515,19 +516,7 @@ class Generator(nn.Module):
                     f"{source}: {key} is not the [1,3,3,1] FIR filter; unsupported"
                 )
         own = {k: v for k, v in self.state_dict().items() if k != "latent_avg"}
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{source}: tensors do not match the inferred architecture "
-                f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
-            )
-        for k, v in state.items():
-            if tuple(v.shape) != tuple(own[k].shape):
-                raise CheckpointError(
-                    f"{source}: {k} has shape {list(v.shape)}, expected {list(own[k].shape)}"
-                )
+        check_state_fits(own, state, source, "the architecture inferred from its shapes")
         self.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
         if latent_avg is not None:
             rows = latent_avg.detach().to(torch.float32).reshape(-1, latent_avg.shape[-1])
