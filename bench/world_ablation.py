@@ -62,7 +62,8 @@ LEVELS = {
 }
 ALPHAS = (0.5, 1.0, 2.0)
 BETAS = (0.0, 0.03, 0.1)
-METHODS = ("mapper", "global-direction")
+# antisymmetric: the mapper as (M(d) - M(-d)) / 2 (edit.antisymmetric)
+METHODS = ("mapper", "antisymmetric", "global-direction")
 KEYS = ("target_reached", "all_others_kept", "psnr_vs_counterfactual", "centroid_drift_px")
 
 
@@ -118,7 +119,8 @@ class Setup:
             )
             neutral = self.edit_cfg.neutral_for(edit)
             # the mapper moves its own channels (conv, or all with train.channels all)
-            work = self.mapper.s_layout if method == "mapper" else self.layout
+            uses_mapper = method in ("mapper", "antisymmetric", "oracle")
+            work = self.mapper.s_layout if uses_mapper else self.layout
             targets = prepare_targets(
                 edit,
                 neutral,
@@ -133,9 +135,13 @@ class Setup:
             elif method == "oracle":  # the mapper on the true image delta (world_evaluate)
                 truth = truth_images_for(self.scenes, attribute, value, self.world)
                 c_true = clip_embed(self.clip, truth, self.clip_ref.preprocessing)
-                s_edit = oracle_s(self.mapper, self.s, self.c, c_true, self.layout)
-            elif method == "mapper":
-                s_edit = edit_rows(self.s, self.c, targets, work, self.mapper, None, 64)
+                anti = self.edit_cfg.antisymmetric  # the form the pipeline's edits use
+                s_edit = oracle_s(self.mapper, self.s, self.c, c_true, self.layout, anti)
+            elif method in ("mapper", "antisymmetric"):
+                anti = method == "antisymmetric"
+                s_edit = edit_rows(
+                    self.s, self.c, targets, work, self.mapper, None, 64, antisymmetric=anti
+                )
             else:
                 s_std = torch.as_tensor(self.rel.s_std[self.layout.conv_index()])
                 gd = global_direction_delta(self.rel.directions, s_std, targets)
@@ -208,7 +214,8 @@ def seed_runs(setup: Setup, seeds: tuple[int, ...]) -> None:
             )
             run_train(cfg, progress=False, log=lambda _: None)
             setup.use_mapper(cfg.out)
-            fams = setup.score("mapper", 1.0, 0.0, LEVELS["all"])
+            method = "antisymmetric" if setup.edit_cfg.antisymmetric else "mapper"
+            fams = setup.score(method, 1.0, 0.0, LEVELS["all"])
             results.append(fams)
             print(fmt_row(f"seed {seed} ({time.perf_counter() - t0:.0f} s)", fams))
     print(f"mean +- std over seeds {seeds}:")

@@ -5,6 +5,7 @@ DeltaEdit inference (paper + official code), with the strength alpha added:
     delta_t = normalize(t_target) - normalize(t_neutral)        (template averages, [E])
     keep_k  = |relevance_k . delta_t| >= beta                   (unnormalized delta_t; beta 0 = all)
     delta_s = mapper(s_conv, [normalize(c) || normalize(delta_t)])   ([B, Dconv])
+    (edit.antisymmetric: delta_s = (mapper(.., d) - mapper(.., -d)) / 2, see antisymmetric_delta)
     s'_conv = s_conv + alpha * keep * level_mask * delta_s      (toRGB styles unchanged)
 
 Several targets in one edit add up: sum_k alpha_k * keep_k * delta_s_k. The
@@ -106,16 +107,37 @@ class TargetDelta:
         return cache[key]
 
 
+def antisymmetric_delta(
+    mapper: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    s_conv: torch.Tensor,
+    cond: torch.Tensor,
+) -> torch.Tensor:
+    """(mapper(s, [c || d]) - mapper(s, [c || -d])) / 2  [B, Dconv].
+
+    A mapper trained on random pairs learns E[delta_s | s, c, d], which holds a part that
+    does not turn with the direction d: a random partner is on average more typical than
+    the source, so every predicted delta also pulls s toward the dataset mean (shapes
+    drift to the centre, other attributes fade). The difference of the two opposite
+    directions keeps the part that is odd in d and cancels that pull.
+    """
+    e = cond.shape[1] // 2
+    flipped = torch.cat([cond[:, :e], -cond[:, e:]], dim=1)
+    return (mapper(s_conv, cond) - mapper(s_conv, flipped)) * 0.5
+
+
 def mapper_delta(
     mapper: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     s_conv: torch.Tensor,
     c: torch.Tensor,
     targets: Sequence[TargetDelta],
+    antisymmetric: bool = False,
 ) -> torch.Tensor:
-    """delta_s_conv [B, Dconv] = sum_k alpha_k * mask_k * mapper(s_conv, cond_k)."""
+    """delta_s_conv [B, Dconv] = sum_k alpha_k * mask_k * mapper(s_conv, cond_k)
+    (antisymmetric_delta in place of the mapper's output when `antisymmetric`)."""
     total = None
     for t in targets:
-        d = mapper(s_conv, mapper_condition(c, t.delta_t))
+        cond = mapper_condition(c, t.delta_t)
+        d = antisymmetric_delta(mapper, s_conv, cond) if antisymmetric else mapper(s_conv, cond)
         scale = t.scale(d.device, d.dtype)
         if total is None:
             total = d if scale is None else d * scale
@@ -282,6 +304,9 @@ class EditConfig:
     out_dir: str = "data/edits"
     templates: tuple[str, ...] = ("{}",)
     select: Selection = field(default_factory=Selection)
+    # mapper method: delta_s = (M(s, [c, d]) - M(s, [c, -d])) / 2 (see antisymmetric_delta);
+    # false = the mapper's output as is (the official DeltaEdit inference)
+    antisymmetric: bool = False
 
     def validate(self) -> None:
         names: set[str] = set()
@@ -588,7 +613,15 @@ def run(
                 status = np.full(sl.stop - sl.start, int(Status.SKIPPED), dtype=np.uint8)
                 if len(idx):
                     s_new[idx] = edit_rows(
-                        s_blk, c_blk, targets, work, mapper, gd, execution.batch_size, device
+                        s_blk,
+                        c_blk,
+                        targets,
+                        work,
+                        mapper,
+                        gd,
+                        execution.batch_size,
+                        device,
+                        antisymmetric=cfg.antisymmetric,
                     )
                     status[idx] = int(Status.OK)
                 if writing is not None:
@@ -630,6 +663,7 @@ def edit_rows(
     gd_delta: torch.Tensor | None,
     batch_size: int,
     device: str = "cpu",
+    antisymmetric: bool = False,
 ) -> np.ndarray:
     """s' [n, D] for rows s [n, D] (c [n, E] for the mapper), in batches of batch_size.
 
@@ -643,7 +677,7 @@ def edit_rows(
         if mapper is not None:
             s_conv = torch.from_numpy(np.ascontiguousarray(out[rows][:, idx])).to(device)
             cb = torch.as_tensor(c[rows], dtype=torch.float32, device=device)
-            delta = mapper_delta(mapper, s_conv, cb, targets).float().cpu().numpy()
+            delta = mapper_delta(mapper, s_conv, cb, targets, antisymmetric).float().cpu().numpy()
         else:
             delta = gd_delta.float().cpu().numpy()[None]
         for flat, conv in runs:
@@ -731,6 +765,7 @@ def _provenance(
         "base_name": edit.base_name,
         "sweep": edit.sweep,
         "method": cfg.method,
+        "antisymmetric": bool(cfg.antisymmetric and mapper is not None),
         "targets": list(edit.targets),
         "neutral": neutral,
         "alphas": list(edit.alphas),
@@ -771,6 +806,7 @@ __all__ = [
     "beta_mask",
     "global_direction_delta",
     "level_mask",
+    "antisymmetric_delta",
     "mapper_condition",
     "mapper_delta",
     "run",

@@ -173,16 +173,24 @@ def reconstruct_s(e4e: Any, generator: Any, images: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def oracle_s(
-    mapper: Any, s: np.ndarray, c: np.ndarray, c_true: np.ndarray, layout: Any
+    mapper: Any,
+    s: np.ndarray,
+    c: np.ndarray,
+    c_true: np.ndarray,
+    layout: Any,
+    antisymmetric: bool = False,
 ) -> np.ndarray:
     """s + mapper(s_conv, [c_hat || normalize(c_hat_true - c_hat)]) on the mapper's channels
-    (conv, or all for a mapper trained with train.channels all)."""
+    (conv, or all for a mapper trained with train.channels all); the edit's own form
+    (antisymmetric_delta when the edit used it)."""
+    from stages.edit import antisymmetric_delta
     from stages.train import make_cond
 
     idx = getattr(mapper, "s_layout", layout).conv_index()  # the mapper's channels
     s_conv = torch.from_numpy(np.ascontiguousarray(s[:, idx]))
     cond = make_cond(torch.from_numpy(c).float(), torch.from_numpy(c_true).float())
-    delta = mapper(s_conv, cond).float().numpy()
+    delta = antisymmetric_delta(mapper, s_conv, cond) if antisymmetric else mapper(s_conv, cond)
+    delta = delta.float().numpy()
     out = np.array(s, np.float32, copy=True)
     out[:, idx] += delta
     return out
@@ -293,7 +301,10 @@ def evaluate_one(
             unavailable["oracle_image_delta"] = f"no mapper at {cfg.mapper}"
         else:
             c_true = clip_embed(models.clip, truth, models.preprocessing)
-            methods["oracle_image_delta"] = score(oracle_s(models.mapper, s, c, c_true, layout))
+            anti = bool(attrs.get("antisymmetric", False))
+            methods["oracle_image_delta"] = score(
+                oracle_s(models.mapper, s, c, c_true, layout, anti)
+            )
     if "global_direction" in cfg.methods:
         if models.relevance is None:
             unavailable["global_direction"] = f"no relevance at {cfg.relevance}"

@@ -13,6 +13,7 @@ from stages.edit import (
     EditConfig,
     EditSpec,
     TargetDelta,
+    antisymmetric_delta,
     apply_delta,
     beta_mask,
     global_direction_delta,
@@ -277,6 +278,63 @@ def edit_config(ds, tmp_path, **kw):
     return EditConfig(**(base | kw))
 
 
+def test_antisymmetric_delta_cancels_the_part_that_ignores_the_direction():
+    """A mapper = pull toward the mean (depends on s and c only) + a term odd in d:
+    the antisymmetric form returns the odd term alone, for any s."""
+    torch.manual_seed(0)
+    dconv, e = LAYOUT.conv_dim, 5
+    w = torch.randn(e, dconv)
+
+    def mapper(s, cond):  # -(s - 0) pulls every row to the mean 0; cond[:, e:] @ w turns with d
+        return -0.7 * s + cond[:, :e].sum(1, keepdim=True) + cond[:, e:] @ w
+
+    s, c, d = torch.randn(4, dconv) * 3, torch.randn(4, e), torch.randn(e)
+    cond = mapper_condition(c, d)
+    got = antisymmetric_delta(mapper, s, cond)
+    assert torch.allclose(got, cond[:, e:] @ w, atol=1e-5)
+    assert not torch.allclose(mapper(s, cond), got, atol=1e-2)
+    # opposite prompts give exactly opposite edits; the plain mapper does not
+    flipped = mapper_condition(c, -d)
+    assert torch.allclose(antisymmetric_delta(mapper, s, flipped), -got, atol=1e-5)
+    t = TargetDelta("a", d, 2.0, torch.ones(dconv, dtype=torch.bool))
+    assert torch.allclose(mapper_delta(mapper, s, c, [t], antisymmetric=True), 2 * got, atol=1e-5)
+
+
+def test_edit_stage_antisymmetric_matches_the_math_and_is_recorded(dataset, tmp_path):
+    import numpy as np
+
+    from stages.common import ExecutionConfig
+    from stages.edit import run
+    from store import RowStore, Status, store_url
+
+    spec = EditSpec("smile", "smiling face", alpha=1.0, beta=0.0)
+    ex = ExecutionConfig(device="cpu", batch_size=5)
+    outs = {}
+    for anti in (False, True):
+        cfg = edit_config(dataset, tmp_path / str(anti), edits=(spec,))
+        cfg = EditConfig(**{**cfg.__dict__, "antisymmetric": anti})
+        (res,) = run(cfg, ex, clip=dataset["clip"], progress=False, log=lambda _: None)
+        outs[anti] = RowStore.open(res.url)
+    out = outs[True]
+    assert out.attrs["antisymmetric"] is True and outs[False].attrs["antisymmetric"] is False
+    assert out.attrs["fingerprint"] != outs[False].attrs["fingerprint"]
+    ok = np.flatnonzero(out.status() == Status.OK)
+    src = RowStore.open(store_url(str(dataset["root"]), "s"))
+    c = RowStore.open(store_url(str(dataset["root"]), "clip")).read("embed")
+    s = src.read("s")
+    idx = dataset["G"].layout.conv_index()
+    clip = dataset["clip"]
+    dt = text_delta(clip.encode_text(["smiling face"])[0], clip.encode_text(["face"])[0])
+    m = dataset["mapper"]
+    with torch.no_grad():
+        s_conv, cc = torch.as_tensor(s[ok][:, idx]), torch.as_tensor(c[ok])
+        d = (m(s_conv, mapper_condition(cc, dt)) - m(s_conv, mapper_condition(cc, -dt))) / 2
+    want = s[ok].copy()
+    want[:, idx] += d.numpy()
+    np.testing.assert_allclose(out.read("s")[ok], want, atol=1e-5)
+    assert np.abs(outs[False].read("s")[ok] - want).max() > 1e-4
+
+
 def test_edit_stage_matches_the_math_and_skips_rows(dataset, tmp_path):
     import numpy as np
 
@@ -522,6 +580,7 @@ def test_cli_edit_from_the_command_line_and_long_prompt_warning(dataset, tmp_pat
         "coarse,fine",
         "--sample",
         "5",
+        "--antisymmetric",
     )
     assert r.exit_code == 0, r.output
     assert "truncated" in r.output and "context" in r.output
@@ -529,6 +588,7 @@ def test_cli_edit_from_the_command_line_and_long_prompt_warning(dataset, tmp_pat
     assert len(out.ok_rows()) == 5
     a = out.attrs
     assert a["neutral"] == "shape" and a["alphas"] == [0.5] and a["levels"] == ["coarse", "fine"]
+    assert a["antisymmetric"] is True
     assert "wrote" in r.output and "5 rows edited" in r.output
 
 

@@ -138,6 +138,12 @@ def _slug(text: str) -> str:
     type=click.Choice(["mapper", "global-direction"]),
     help="Delta Mapper or StyleCLIP global direction [edit.method].",
 )
+@click.option(
+    "--antisymmetric/--no-antisymmetric",
+    default=None,
+    help="Mapper delta as (M(d) - M(-d)) / 2: cancels the pull toward the dataset mean "
+    "that random-pair training builds in [edit.antisymmetric].",
+)
 @click.option("--store", help="Dataset root with s.zarr + clip.zarr [edit.store].")
 @click.option("--ids", help="Edit only these manifest ids (comma separated).")
 @click.option("--range", "row_range", help="Edit only rows START:STOP.")
@@ -154,6 +160,7 @@ def edit_cmd(
     beta,
     levels,
     method,
+    antisymmetric,
     store,
     ids,
     row_range,
@@ -172,6 +179,7 @@ def edit_cmd(
 
     flags: dict[str, Any] = {
         "edit.method": method,
+        "edit.antisymmetric": antisymmetric,
         "edit.store": store,
         "edit.select.seed": seed,
         "edit.select.sample": sample,
