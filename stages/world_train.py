@@ -71,6 +71,14 @@ class WorldTrainConfig:
     ae_l1: float = 0.1
     ae_init: str | None = None  # continue from generator/e4e.safetensors in this folder
     ae_max_minutes: float = 40.0  # stop early (and say so) past this wall time; 0 = no cap
+    # "fixed": every toRGB style held at 1 (modulation weight 0, bias 1, frozen), so colour
+    # and background must live in the conv channels DeltaEdit edits; "learned": StyleGAN2's
+    # own toRGB modulation (the default).
+    ae_torgb_styles: Literal["learned", "fixed"] = "learned"
+    # weight of the counterfactual sparsity term (0 = off): half of each batch is the
+    # other half's scenes with one attribute changed, and the S difference of each such
+    # pair is pushed to be sparse (see s_sparsity), so an attribute lives in few channels
+    ae_cf_sparsity: float = 0.0
     clip_iterations: int = 3000
     clip_batch: int = 128
     clip_lr: float = 1e-3
@@ -91,6 +99,7 @@ class WorldTrainConfig:
             v = getattr(self, key)
             require(v > 0, key, v, "a number > 0")
         require(self.ae_l1 >= 0, "ae_l1", self.ae_l1, "a number >= 0")
+        require(self.ae_cf_sparsity >= 0, "ae_cf_sparsity", self.ae_cf_sparsity, "a number >= 0")
         for key in ("ae_max_minutes", "clip_max_minutes"):
             v = getattr(self, key)
             require(v >= 0, key, v, "a number >= 0 (0 = no cap)")
@@ -138,10 +147,44 @@ def ae_loss(recon: torch.Tensor, x: torch.Tensor, l1: float) -> torch.Tensor:
     return F.mse_loss(recon, x) + l1 * F.l1_loss(recon, x)
 
 
+def s_sparsity(delta_s: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Mean over pairs of |ds|_1 / (|ds|_2 sqrt(D)) for delta_s [B, D]: 1 when every channel
+    moves alike, 1 / sqrt(D) when one channel carries the whole change; scale-free, so it
+    cannot be met by shrinking the codes (demodulation would undo the shrink anyway)."""
+    l1 = delta_s.abs().sum(1)
+    l2 = delta_s.norm(dim=1) * math.sqrt(delta_s.shape[1])
+    return (l1 / (l2 + eps)).mean()
+
+
+def counterfactual_batch(
+    batch_scenes: list[Scene], world: WorldConfig, rng: np.random.Generator
+) -> torch.Tensor:
+    """Each scene with one attribute (chosen at random) set to another of its values."""
+    from stages.world import attribute_values, counterfactual
+
+    out = []
+    for sc in batch_scenes:
+        attribute = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
+        values = [v for v in attribute_values(attribute) if v != getattr(sc, attribute)]
+        out.append(counterfactual(sc, attribute, values[int(rng.integers(len(values)))]))
+    return torch.from_numpy(to_unit(render_many(out, world)))
+
+
 @torch.no_grad()
 def reconstruct(G, E, images: torch.Tensor, batch: int = 128) -> torch.Tensor:
     out = [autoencode(G, E, images[i : i + batch]) for i in range(0, len(images), batch)]
     return torch.cat(out)
+
+
+def hold_torgb_styles(G: torch.nn.Module) -> None:
+    """toRGB styles s = 1 for every w: modulation weight 0 and bias 1, both frozen."""
+    for rgb in [G.to_rgb1, *G.to_rgbs]:
+        mod = rgb.conv.modulation
+        with torch.no_grad():
+            mod.weight.zero_()
+            mod.bias.fill_(1.0)
+        mod.weight.requires_grad_(False)
+        mod.bias.requires_grad_(False)
 
 
 def train_autoencoder(
@@ -150,8 +193,13 @@ def train_autoencoder(
     progress: bool = True,
     generator_config: Any = None,
     e4e_config: Any = None,
+    world: WorldConfig | None = None,
 ) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
     """Joint generator + encoder training. Returns (G, E, log).
+
+    With `cfg.ae_cf_sparsity` > 0 half of each batch is counterfactuals of the other half
+    (rendered from `world`), and the loss adds ae_cf_sparsity * s_sparsity of their S
+    differences on the channels the generator lets vary (conv only when toRGB is fixed).
 
     `generator_config` / `e4e_config` (GeneratorConfig / E4EConfig objects) override the
     registered names in `cfg` (tests use narrower networks)."""
@@ -169,10 +217,23 @@ def train_autoencoder(
         E = create_e4e(e4e_config or cfg.e4e_config, seed=cfg.seed + 1)
     G.train().requires_grad_(True)
     E.train().requires_grad_(True)
+    if cfg.ae_torgb_styles == "fixed":
+        hold_torgb_styles(G)
     params = [p for p in list(G.parameters()) + list(E.parameters()) if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.ae_lr, betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(cfg.seed)
+    cf_rng = np.random.default_rng([cfg.seed, 7])
+    pairs = cfg.ae_cf_sparsity > 0
+    if pairs and cfg.ae_batch < 2:
+        raise ValueError("world_train.ae_batch must be >= 2 with ae_cf_sparsity > 0")
+    world = world or WorldConfig()
+    varying = (
+        torch.from_numpy(G.layout.conv_index())
+        if cfg.ae_torgb_styles == "fixed"
+        else torch.arange(G.layout.dim)
+    )
     losses: list[float] = []
+    sparsity: list[float] = []
     start = time.perf_counter()
     done = 0
     bar = tqdm(range(cfg.ae_iterations), desc="world autoencoder", disable=not progress)
@@ -182,16 +243,30 @@ def train_autoencoder(
         lr = cfg.ae_lr * (0.55 + 0.45 * math.cos(math.pi * frac))
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = torch.randint(len(train.images), (cfg.ae_batch,), generator=gen)
-        x = train.images[idx]
-        loss = ae_loss(autoencode(G, E, x), x, cfg.ae_l1)
+        if pairs:  # [x_a || counterfactual(x_a)], each half ae_batch // 2
+            idx = torch.randint(len(train.images), (cfg.ae_batch // 2,), generator=gen)
+            x_cf = counterfactual_batch([train.scenes[i] for i in idx], world, cf_rng)
+            x = torch.cat([train.images[idx], x_cf])
+            s_all = G.w_to_s(E(x))  # [B, D]
+            loss = ae_loss(G.synthesize(s_all, noise_mode="const"), x, cfg.ae_l1)
+            s_a, s_b = s_all[:, varying].chunk(2)
+            sp = s_sparsity(s_b - s_a)
+            loss = loss + cfg.ae_cf_sparsity * sp
+            sparsity.append(sp.item())
+        else:
+            idx = torch.randint(len(train.images), (cfg.ae_batch,), generator=gen)
+            x = train.images[idx]
+            loss = ae_loss(autoencode(G, E, x), x, cfg.ae_l1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append(loss.item())
         done = it + 1
         if it % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+            post = {"loss": f"{np.mean(losses[-50:]):.4f}"}
+            if sparsity:
+                post["sparsity"] = f"{np.mean(sparsity[-50:]):.3f}"
+            bar.set_postfix(post)
         if cfg.ae_max_minutes and time.perf_counter() - start > cfg.ae_max_minutes * 60:
             break
     G.eval().requires_grad_(False)
@@ -204,6 +279,9 @@ def train_autoencoder(
         "loss_last": float(np.mean(losses[-50:])) if losses else None,
         "loss_curve": losses[:: max(1, len(losses) // 50)],
     }
+    if sparsity:
+        log["cf_sparsity_first"] = float(np.mean(sparsity[:10]))
+        log["cf_sparsity_last"] = float(np.mean(sparsity[-50:]))
     return G, E, log
 
 
@@ -366,7 +444,7 @@ def run(
         from model.stylegan2 import save_generator
         from stages.world_judge import judge_images
 
-        G, E, log = train_autoencoder(cfg, train, progress)
+        G, E, log = train_autoencoder(cfg, train, progress, world=world)
         save_generator(G, out / "generator.safetensors")
         save_e4e(E, out / "e4e.safetensors")
         recon = reconstruct(G, E, held.images)

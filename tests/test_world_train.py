@@ -64,6 +64,35 @@ def test_autoencoder_loss_decreases_in_a_few_steps():
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
 
 
+def test_fixed_torgb_styles_stay_one_and_counterfactual_pairs_train():
+    """ae_torgb_styles fixed: every toRGB style is 1 for any w after training, the conv
+    styles still vary; ae_cf_sparsity: the S difference of counterfactual pairs is scored
+    and logged, and a sparse difference scores lower than a dense one."""
+    from stages.world_train import s_sparsity
+
+    torch.manual_seed(0)
+    data = make_data(WorldConfig(seed=1), 48)
+    cfg = WorldTrainConfig(
+        ae_iterations=12,
+        ae_batch=4,
+        ae_max_minutes=0,
+        ae_torgb_styles="fixed",
+        ae_cf_sparsity=0.5,
+    )
+    G, E, log = train_autoencoder(cfg, data, False, TINY_G, TINY_E, world=WorldConfig(seed=1))
+    s = G.w_to_s(E(data.images[:6])).numpy()
+    conv = G.layout.conv_index()
+    torgb = np.setdiff1d(np.arange(G.layout.dim), conv)
+    assert np.array_equal(s[:, torgb], np.ones_like(s[:, torgb]))
+    assert s[:, conv].std(0).max() > 1e-3
+    assert 0 < log["cf_sparsity_last"] <= 1 and np.isfinite(log["loss_last"])
+    dense, sparse = torch.ones(2, 100), torch.zeros(2, 100)
+    sparse[:, 3] = 5.0
+    assert s_sparsity(dense).item() == pytest.approx(1.0)
+    assert s_sparsity(sparse).item() == pytest.approx(0.1)
+    assert s_sparsity(7 * dense).item() == pytest.approx(1.0)  # scale-free
+
+
 def test_clip_loss_decreases_in_a_few_steps():
     world = WorldConfig(seed=2)
     data = make_data(world, 64)
