@@ -93,6 +93,20 @@ def test_fixed_torgb_styles_stay_one_and_counterfactual_pairs_train():
     assert s_sparsity(7 * dense).item() == pytest.approx(1.0)  # scale-free
 
 
+def test_gradient_l1_scores_a_blurred_corner_and_not_a_shift_in_level():
+    """ae_grad_l1 adds an L1 on pixel differences: a blurred edge costs more with it, a
+    constant offset (same edges) costs nothing extra."""
+    from stages.world_train import ae_loss
+
+    x = torch.zeros(1, 3, 8, 8)
+    x[..., 2:6, 2:6] = 1.0  # a square
+    blurred = torch.nn.functional.avg_pool2d(x, 3, 1, 1)
+    assert ae_loss(blurred, x, 0.1, 0.5) > ae_loss(blurred, x, 0.1, 0.0)
+    shifted = x + 0.1
+    assert ae_loss(shifted, x, 0.1, 0.5).item() == pytest.approx(ae_loss(shifted, x, 0.1).item())
+    assert ae_loss(x, x, 0.1, 0.5).item() == 0.0
+
+
 def test_clip_loss_decreases_in_a_few_steps():
     world = WorldConfig(seed=2)
     data = make_data(world, 64)
