@@ -230,10 +230,11 @@ def seed_runs(setup: Setup, seeds: tuple[int, ...]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--n-rows", type=int, default=64)
+    ap.add_argument("--n-rows", type=int, default=256)
     ap.add_argument("--full", action="store_true", help="the full alpha x beta x levels grid")
     ap.add_argument("--quick", action="store_true", help="16 rows, no seed runs")
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--seeds-only", action="store_true", help="only the mapper seed runs")
     args = ap.parse_args()
     t0 = time.perf_counter()
     setup = Setup(args.params, 16 if args.quick else args.n_rows)
@@ -249,7 +250,7 @@ def main() -> None:
             "baseline: oracle image delta (mapper)", setup.score("oracle", 1.0, 0.0, LEVELS["all"])
         )
     )
-    for method, alpha, beta, lv in configs(args.full):
+    for method, alpha, beta, lv in [] if args.seeds_only else configs(args.full):
         fams = setup.score(method, alpha, beta, LEVELS[lv])
         print(fmt_row(f"{method} a={alpha:g} b={beta:g} {lv}", fams), flush=True)
     if not args.quick:
