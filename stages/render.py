@@ -194,10 +194,13 @@ def edit_title(name: str, attrs: dict) -> list[str]:
     targets = attrs.get("targets", [])
     alphas = attrs.get("alphas", [])
     prompt = " + ".join(f"'{t}' (alpha {a:g})" for t, a in zip(targets, alphas, strict=False))
+    method = attrs.get("method")
+    if attrs.get("antisymmetric"):
+        method = f"{method} (antisymmetric)"
     return [
         f"{name}: {prompt}",
         f"neutral '{attrs.get('neutral')}', beta {attrs.get('beta')}, "
-        f"levels {'/'.join(attrs.get('levels', []))}, method {attrs.get('method')}",
+        f"levels {'/'.join(attrs.get('levels', []))}, method {method}",
     ]
 
 

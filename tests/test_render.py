@@ -74,6 +74,9 @@ def test_contact_sheet_writes_title_and_pairs():
     }
     title = edit_title("smile", attrs)
     assert "smiling face" in title[0] and "1.5" in title[0] and "0.03" in title[1]
+    assert "antisymmetric" not in title[1]
+    anti = edit_title("smile", attrs | {"antisymmetric": True})
+    assert "method mapper (antisymmetric)" in anti[1]
     before, after = [image(0), image(1)], [image(2), image(3)]
     sheet = contact_sheet(before, after, title, ["a", "b"], tile=64)
     blank = contact_sheet(before, after, [], [], tile=64)
