@@ -5,7 +5,7 @@ DeltaEdit inference (paper + official code), with the strength alpha added:
     delta_t = normalize(t_target) - normalize(t_neutral)        (template averages, [E])
     keep_k  = |relevance_k . delta_t| >= beta                   (unnormalized delta_t; beta 0 = all)
     delta_s = mapper(s_conv, [normalize(c) || normalize(delta_t)])   ([B, Dconv])
-    (edit.antisymmetric: delta_s = (mapper(.., d) - mapper(.., -d)) / 2, see antisymmetric_delta)
+    (edit.antisymmetric: delta_s = (mapper(.., d) - mapper(.., -d)) / 2, see mapped_delta)
     s'_conv = s_conv + alpha * keep * level_mask * delta_s      (toRGB styles unchanged)
 
 Several targets in one edit add up: sum_k alpha_k * keep_k * delta_s_k. The
@@ -107,12 +107,14 @@ class TargetDelta:
         return cache[key]
 
 
-def antisymmetric_delta(
+def mapped_delta(
     mapper: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     s_conv: torch.Tensor,
     cond: torch.Tensor,
+    antisymmetric: bool = False,
 ) -> torch.Tensor:
-    """(mapper(s, [c || d]) - mapper(s, [c || -d])) / 2  [B, Dconv].
+    """mapper(s, [c || d]) [B, Dconv], or with `antisymmetric`
+    (mapper(s, [c || d]) - mapper(s, [c || -d])) / 2.
 
     A mapper trained on random pairs learns E[delta_s | s, c, d], which holds a part that
     does not turn with the direction d: a random partner is on average more typical than
@@ -120,6 +122,8 @@ def antisymmetric_delta(
     drift to the centre, other attributes fade). The difference of the two opposite
     directions keeps the part that is odd in d and cancels that pull.
     """
+    if not antisymmetric:
+        return mapper(s_conv, cond)
     e = cond.shape[1] // 2
     flipped = torch.cat([cond[:, :e], -cond[:, e:]], dim=1)
     return (mapper(s_conv, cond) - mapper(s_conv, flipped)) * 0.5
@@ -133,11 +137,11 @@ def mapper_delta(
     antisymmetric: bool = False,
 ) -> torch.Tensor:
     """delta_s_conv [B, Dconv] = sum_k alpha_k * mask_k * mapper(s_conv, cond_k)
-    (antisymmetric_delta in place of the mapper's output when `antisymmetric`)."""
+    (the antisymmetric form of mapped_delta when `antisymmetric`)."""
     total = None
     for t in targets:
         cond = mapper_condition(c, t.delta_t)
-        d = antisymmetric_delta(mapper, s_conv, cond) if antisymmetric else mapper(s_conv, cond)
+        d = mapped_delta(mapper, s_conv, cond, antisymmetric)
         scale = t.scale(d.device, d.dtype)
         if total is None:
             total = d if scale is None else d * scale
@@ -304,7 +308,7 @@ class EditConfig:
     out_dir: str = "data/edits"
     templates: tuple[str, ...] = ("{}",)
     select: Selection = field(default_factory=Selection)
-    # mapper method: delta_s = (M(s, [c, d]) - M(s, [c, -d])) / 2 (see antisymmetric_delta);
+    # mapper method: delta_s = (M(s, [c, d]) - M(s, [c, -d])) / 2 (see mapped_delta);
     # false = the mapper's output as is (the official DeltaEdit inference)
     antisymmetric: bool = False
 
@@ -806,7 +810,7 @@ __all__ = [
     "beta_mask",
     "global_direction_delta",
     "level_mask",
-    "antisymmetric_delta",
+    "mapped_delta",
     "mapper_condition",
     "mapper_delta",
     "run",

@@ -182,15 +182,14 @@ def oracle_s(
 ) -> np.ndarray:
     """s + mapper(s_conv, [c_hat || normalize(c_hat_true - c_hat)]) on the mapper's channels
     (conv, or all for a mapper trained with train.channels all); the edit's own form
-    (antisymmetric_delta when the edit used it)."""
-    from stages.edit import antisymmetric_delta
+    (mapped_delta, antisymmetric when the edit was)."""
+    from stages.edit import mapped_delta
     from stages.train import make_cond
 
     idx = getattr(mapper, "s_layout", layout).conv_index()  # the mapper's channels
     s_conv = torch.from_numpy(np.ascontiguousarray(s[:, idx]))
     cond = make_cond(torch.from_numpy(c).float(), torch.from_numpy(c_true).float())
-    delta = antisymmetric_delta(mapper, s_conv, cond) if antisymmetric else mapper(s_conv, cond)
-    delta = delta.float().numpy()
+    delta = mapped_delta(mapper, s_conv, cond, antisymmetric).float().numpy()
     out = np.array(s, np.float32, copy=True)
     out[:, idx] += delta
     return out

@@ -104,6 +104,8 @@ class WorldTrainConfig:
         require(self.ae_l1 >= 0, "ae_l1", self.ae_l1, "a number >= 0")
         for key in ("ae_cf_sparsity", "ae_grad_l1"):
             require(getattr(self, key) >= 0, key, getattr(self, key), "a number >= 0")
+        if self.ae_cf_sparsity > 0:  # half of each batch is the other half's counterfactuals
+            require(self.ae_batch >= 2, "ae_batch", self.ae_batch, "an integer >= 2 with pairs")
         for key in ("ae_max_minutes", "clip_max_minutes"):
             v = getattr(self, key)
             require(v >= 0, key, v, "a number >= 0 (0 = no cap)")
@@ -233,8 +235,6 @@ def train_autoencoder(
     gen = torch.Generator().manual_seed(cfg.seed)
     cf_rng = np.random.default_rng([cfg.seed, 7])
     pairs = cfg.ae_cf_sparsity > 0
-    if pairs and cfg.ae_batch < 2:
-        raise ValueError("world_train.ae_batch must be >= 2 with ae_cf_sparsity > 0")
     world = world or WorldConfig()
     varying = (
         torch.from_numpy(G.layout.conv_index())

@@ -13,11 +13,11 @@ from stages.edit import (
     EditConfig,
     EditSpec,
     TargetDelta,
-    antisymmetric_delta,
     apply_delta,
     beta_mask,
     global_direction_delta,
     level_mask,
+    mapped_delta,
     mapper_condition,
     mapper_delta,
     text_delta,
@@ -278,7 +278,7 @@ def edit_config(ds, tmp_path, **kw):
     return EditConfig(**(base | kw))
 
 
-def test_antisymmetric_delta_cancels_the_part_that_ignores_the_direction():
+def test_antisymmetric_mapped_delta_cancels_the_part_that_ignores_the_direction():
     """A mapper = pull toward the mean (depends on s and c only) + a term odd in d:
     the antisymmetric form returns the odd term alone, for any s."""
     torch.manual_seed(0)
@@ -290,12 +290,13 @@ def test_antisymmetric_delta_cancels_the_part_that_ignores_the_direction():
 
     s, c, d = torch.randn(4, dconv) * 3, torch.randn(4, e), torch.randn(e)
     cond = mapper_condition(c, d)
-    got = antisymmetric_delta(mapper, s, cond)
+    got = mapped_delta(mapper, s, cond, antisymmetric=True)
     assert torch.allclose(got, cond[:, e:] @ w, atol=1e-5)
+    assert torch.equal(mapped_delta(mapper, s, cond), mapper(s, cond))  # plain = as is
     assert not torch.allclose(mapper(s, cond), got, atol=1e-2)
     # opposite prompts give exactly opposite edits; the plain mapper does not
     flipped = mapper_condition(c, -d)
-    assert torch.allclose(antisymmetric_delta(mapper, s, flipped), -got, atol=1e-5)
+    assert torch.allclose(mapped_delta(mapper, s, flipped, True), -got, atol=1e-5)
     t = TargetDelta("a", d, 2.0, torch.ones(dconv, dtype=torch.bool))
     assert torch.allclose(mapper_delta(mapper, s, c, [t], antisymmetric=True), 2 * got, atol=1e-5)
 
@@ -480,28 +481,25 @@ def test_mapper_of_another_layout_or_clip_is_refused_before_work(dataset, tmp_pa
         run(cfg, ExecutionConfig(device="cpu"), clip=clip, progress=False)
     from model.mapper import DeltaMapper, save_mapper
 
+    layout = dataset["G"].layout
     save_mapper(
-        DeltaMapper(dataset["G"].layout, clip.embed_dim),
+        DeltaMapper(layout, clip.embed_dim),
         tmp_path / "clipx.safetensors",
         extra={"clip_fingerprint": "f" * 64},
     )
-    cfg = edit_config(
-        dataset,
-        tmp_path,
-        mapper=str(tmp_path / "clipx.safetensors"),
-        edits=(EditSpec("x", "smiling face"),),
-    )
-    with pytest.raises(EditError, match="trained with CLIP"):
-        run(cfg, ExecutionConfig(device="cpu"), clip=clip, progress=False)
-    save_mapper(DeltaMapper(dataset["G"].layout, 2 * clip.embed_dim), tmp_path / "e.safetensors")
-    cfg = edit_config(
-        dataset,
-        tmp_path,
-        mapper=str(tmp_path / "e.safetensors"),
-        edits=(EditSpec("x", "smiling face"),),
-    )
-    with pytest.raises(EditError, match="CLIP embeddings of size 128"):
-        run(cfg, ExecutionConfig(device="cpu"), clip=clip, progress=False)
+    save_mapper(DeltaMapper(layout, 2 * clip.embed_dim), tmp_path / "e.safetensors")
+    for name, message in (
+        ("clipx", "trained with CLIP"),
+        ("e", "CLIP embeddings of size 128"),
+    ):
+        cfg = edit_config(
+            dataset,
+            tmp_path,
+            mapper=str(tmp_path / f"{name}.safetensors"),
+            edits=(EditSpec("x", "smiling face"),),
+        )
+        with pytest.raises(EditError, match=message):
+            run(cfg, ExecutionConfig(device="cpu"), clip=clip, progress=False)
     assert not (tmp_path / "edits").exists()
 
 

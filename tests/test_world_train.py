@@ -142,12 +142,24 @@ def test_multi_positive_targets_count_every_fitting_caption():
     assert multi_positive_infonce(e, e, m, scale) < multi_positive_infonce(e, e.flip(0), m, scale)
 
 
-def test_world_train_cli_rejects_bad_values(tmp_path):
-    res = CliRunner().invoke(
-        main,
-        ["world", "train", "--params", str(tmp_path / "x.yaml"), "--set", "world_train.ae_lr=-1"],
-    )
-    assert res.exit_code != 0 and "world_train.ae_lr: got -1" in res.output
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["world_train.ae_lr=-1"], "world_train.ae_lr: got -1"),
+        (["world_train.ae_grad_l1=-0.5"], "world_train.ae_grad_l1: got -0.5"),
+        (["world_train.ae_torgb_styles=frozen"], "world_train.ae_torgb_styles: got 'frozen'"),
+        (
+            ["world_train.ae_cf_sparsity=0.1", "world_train.ae_batch=1"],
+            "world_train.ae_batch: got 1, expected an integer >= 2 with pairs",
+        ),
+    ],
+)
+def test_world_train_cli_rejects_bad_values(tmp_path, sets, message):
+    args = ["world", "train", "--params", str(tmp_path / "x.yaml")]
+    for kv in sets:
+        args += ["--set", kv]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code != 0 and message in res.output, res.output
     assert "Traceback" not in res.output
 
 
