@@ -28,7 +28,7 @@ import torch
 
 from model.layout import SLayout
 from model.mapper import DeltaMapper, save_mapper
-from stages.common import ClipRef, E4ERef, ExecutionConfig, GeneratorRef
+from stages.common import ClipRef, E4ERef, ExecutionConfig, GeneratorRef, resolve_device
 from stages.edit import EditConfig, EditSpec, mapper_condition, text_delta
 from stages.edit import run as run_edit
 from stages.execution import load_clip_ref, load_e4e_ref, load_generator_ref
@@ -64,9 +64,13 @@ def pure_forward(mapper, s_conv: torch.Tensor, c: torch.Tensor, dt: torch.Tensor
     with torch.no_grad():
         for i in range(0, len(s_conv), bs):
             mapper(s_conv[i : i + bs], mapper_condition(c[i : i + bs], dt))
+    if s_conv.is_cuda:
+        torch.cuda.synchronize()
 
 
-def bench_a(tmp: Path, n: int, repeats: int, bs: int, clip, G) -> tuple[float, float]:
+def bench_a(
+    tmp: Path, n: int, repeats: int, bs: int, clip, G, device: str = "cpu"
+) -> tuple[float, float]:
     layout = G.layout
     root = tmp / "cached"
     t0 = time.perf_counter()
@@ -75,13 +79,15 @@ def bench_a(tmp: Path, n: int, repeats: int, bs: int, clip, G) -> tuple[float, f
     torch.manual_seed(0)
     mapper = DeltaMapper(layout, clip.embed_dim).eval()
     save_mapper(mapper, root / "mapper.safetensors", extra={"clip_fingerprint": clip.fingerprint})
-    ex = ExecutionConfig(device="cpu", batch_size=bs)
+    mapper = mapper.to(device)
+    ex = ExecutionConfig(device=device, batch_size=bs)
 
-    # baseline: the same rows already in memory as tensors
+    # baseline: the same rows already in memory as tensors (on the device)
     s_all = RowStore.open(store_url(str(root), "s")).read("s")
-    c_all = torch.as_tensor(RowStore.open(store_url(str(root), "clip")).read("embed"))
-    s_conv = torch.as_tensor(s_all[:, layout.conv_index()])
+    c_all = torch.as_tensor(RowStore.open(store_url(str(root), "clip")).read("embed")).to(device)
+    s_conv = torch.as_tensor(s_all[:, layout.conv_index()]).to(device)
     dt = text_delta(clip.encode_text(["a smiling face"])[0], clip.encode_text(["face"])[0])
+    dt = dt.to(device)
     base, stage, base_cpu, stage_cpu = [], [], [], []
     for r in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -112,7 +118,9 @@ def bench_a(tmp: Path, n: int, repeats: int, bs: int, clip, G) -> tuple[float, f
     return b, s
 
 
-def bench_b(tmp: Path, m: int, repeats: int, bs: int, G, clip) -> tuple[float, float]:
+def bench_b(
+    tmp: Path, m: int, repeats: int, bs: int, G, clip, device: str = "cpu"
+) -> tuple[float, float]:
     from PIL import Image
 
     from stages.encode_clip import EncodeClipConfig, run_encode_clip
@@ -127,9 +135,11 @@ def bench_b(tmp: Path, m: int, repeats: int, bs: int, G, clip) -> tuple[float, f
         s = G.w_to_s(w[:, None].expand(m, G.n_latent, G.w_dim)).numpy()
     for i, img in enumerate(render_s(G, s, 64)):
         Image.fromarray(img).save(raw / f"{i:05d}.png")
-    ex = ExecutionConfig(device="cpu", batch_size=bs, workers=1)
+    ex = ExecutionConfig(device=device, batch_size=bs, workers=1)
     gref, cref, eref = GeneratorRef(), ClipRef(), E4ERef()
-    load_e4e_ref(eref, "cpu")  # models loaded once, before any timing
+    load_e4e_ref(eref, device)  # models loaded once, before any timing
+    load_generator_ref(gref, device)
+    load_clip_ref(cref, device)
     torch.manual_seed(0)
     save_mapper(
         DeltaMapper(G.layout, clip.embed_dim),
@@ -176,7 +186,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto (stage and baseline)")
     args = ap.parse_args()
+    device = resolve_device(args.device)
     n = args.rows or (20_000 if args.quick else 100_000)
     m = args.images or (128 if args.quick else 1000)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -184,11 +196,12 @@ def main() -> None:
     clip = load_clip_ref(ClipRef(), "cpu")
     print(
         f"tiny-64 generator (D {G.layout.dim}, Dconv {G.layout.conv_dim}), CLIP E "
-        f"{clip.embed_dim}, torch threads {torch.get_num_threads()}, batch {args.batch_size}"
+        f"{clip.embed_dim}, device {device}, torch threads {torch.get_num_threads()}, "
+        f"batch {args.batch_size}"
     )
     with tempfile.TemporaryDirectory(prefix="bench_edit_") as d:
-        bench_a(Path(d), n, args.repeats, args.batch_size, clip, G)
-        bench_b(Path(d), m, args.repeats, 64, G, clip)
+        bench_a(Path(d), n, args.repeats, args.batch_size, clip, G, device)
+        bench_b(Path(d), m, args.repeats, 64, G, clip, device)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from PIL import Image
 
 from model.clip import get_config, register_config
 from model.stylegan2 import GeneratorConfig, create_generator, save_generator
-from stages.common import ClipRef, ExecutionConfig, GeneratorRef
+from stages.common import ClipRef, ExecutionConfig, GeneratorRef, resolve_device
 from stages.encode_clip import EncodeClipConfig, run_encode_clip
 from stages.execution import load_clip_ref, load_generator_ref
 from stages.ingest import IngestConfig, run_ingest
@@ -39,14 +39,23 @@ from stages.sample import SampleConfig, run_sample, sample_z
 VIT = "bench-vit-b-32"  # ViT-B-32-quickgelu architecture, random weights (no download)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], n: int, repeats: int) -> dict[str, float]:
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], n: int, repeats: int, device: str = "cpu"
+) -> dict[str, float]:
     """images/s of each fn, median of `repeats` rounds; each round runs every fn once, so a
     slow spell of a shared machine hits all of them alike."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync(device)
             t0 = time.perf_counter()
             fn()
+            sync(device)
             times[name].append(time.perf_counter() - t0)
     return {k: n / statistics.median(v) for k, v in times.items()}
 
@@ -79,16 +88,16 @@ class _Files(torch.utils.data.Dataset):
 
 
 def bench_encode_clip(
-    label: str, ref: ClipRef, n: int, batch: int, repeats: int, tmp: Path
+    label: str, ref: ClipRef, n: int, batch: int, repeats: int, tmp: Path, device: str = "cpu"
 ) -> dict[str, float]:
     paths = make_jpegs(tmp / f"jpegs-{n}", n)
     ds = tmp / f"ds-{label}"
     run_ingest(
         IngestConfig(source=str(paths[0].parent), out=str(ds)), ExecutionConfig(), progress=False
     )
-    execution = ExecutionConfig(workers=1, batch_size=batch)
+    execution = ExecutionConfig(device=device, workers=1, batch_size=batch)
     cfg = EncodeClipConfig(dataset=str(ds), decode_threads=2)
-    clip = load_clip_ref(ref, "cpu")
+    clip = load_clip_ref(ref, device)
 
     def e2e() -> None:
         run_encode_clip(cfg, ref, execution, overwrite=True, progress=False)
@@ -97,7 +106,7 @@ def bench_encode_clip(
         return clip.preprocess_pil([im], ref.preprocessing)[0]
 
     tensors = [prepare(Image.open(p).convert("RGB")) for p in paths]
-    batches = [torch.stack(tensors[i : i + batch]) for i in range(0, n, batch)]
+    batches = [torch.stack(tensors[i : i + batch]).to(device) for i in range(0, n, batch)]
 
     def model_only() -> None:
         with torch.no_grad():
@@ -109,29 +118,30 @@ def bench_encode_clip(
         out = []
         with torch.no_grad():
             for x in loader:
-                out.append(clip.model.encode_image(x).numpy())
+                out.append(clip.model.encode_image(x.to(device)).cpu().numpy())
         np.save(tmp / "plain.npy", np.concatenate(out))
 
     e2e()  # warm-up: model in cache, kernels initialized
     model_only()
-    return interleaved({"e2e": e2e, "model": model_only, "plain": plain_loop}, n, repeats)
+    fns = {"e2e": e2e, "model": model_only, "plain": plain_loop}
+    return interleaved(fns, n, repeats, device)
 
 
 def bench_sample(
-    label: str, gref: GeneratorRef, n: int, batch: int, repeats: int, tmp: Path
+    label: str, gref: GeneratorRef, n: int, batch: int, repeats: int, tmp: Path, device: str = "cpu"
 ) -> dict[str, float]:
     cref = ClipRef()
-    G = load_generator_ref(gref, "cpu")
-    clip = load_clip_ref(cref, "cpu")
-    execution = ExecutionConfig(workers=1, batch_size=batch)
+    G = load_generator_ref(gref, device)
+    clip = load_clip_ref(cref, device)
+    execution = ExecutionConfig(device=device, workers=1, batch_size=batch)
     cfg = SampleConfig(n=n, out=str(tmp / f"sample-{label}"))  # default rows_per_shard
-    z_all = torch.from_numpy(sample_z(0, range(n), G.config.in_dim))
+    z_all = torch.from_numpy(sample_z(0, range(n), G.config.in_dim)).to(device)
 
     def models(z: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         with torch.no_grad():
             s = G.w_to_s(G.wplus(G.mapping(z)))
             c = clip.encode_images(G.synthesize(s).clamp(-1, 1), cref.preprocessing)
-        return s.numpy(), c.numpy()
+        return s.cpu().numpy(), c.cpu().numpy()
 
     def e2e() -> None:
         run_sample(cfg, gref, cref, execution, overwrite=True, progress=False)
@@ -143,7 +153,7 @@ def bench_sample(
     def plain_loop() -> None:
         ss, cs = [], []
         for i in range(0, n, batch):
-            z = torch.randn(min(batch, n - i), G.config.in_dim)
+            z = torch.randn(min(batch, n - i), G.config.in_dim, device=device)
             s, c = models(z)
             ss.append(s)
             cs.append(c)
@@ -151,7 +161,8 @@ def bench_sample(
         np.save(tmp / "c.npy", np.concatenate(cs))
 
     e2e()
-    return interleaved({"e2e": e2e, "model": model_only, "plain": plain_loop}, n, repeats)
+    fns = {"e2e": e2e, "model": model_only, "plain": plain_loop}
+    return interleaved(fns, n, repeats, device)
 
 
 def report(name: str, r: dict[str, float]) -> None:
@@ -169,29 +180,34 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer images and repeats")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     ap.add_argument("--only", choices=["clip", "sample"], help="run one half")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     args = ap.parse_args()
+    device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     register_config(VIT, get_config("ViT-B-32-quickgelu"), overwrite=True)
     repeats = 3
     n_tiny, n_vit, n_s_tiny, n_s_256 = (256, 24, 512, 24) if args.quick else (512, 512, 2048, 128)
-    print(f"torch threads {torch.get_num_threads()}, repeats {repeats} (median)", flush=True)
+    print(
+        f"device {device}, torch threads {torch.get_num_threads()}, repeats {repeats} (median)",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if args.only != "sample":
-            r = bench_encode_clip("tiny", ClipRef(), n_tiny, 64, repeats, tmp)
+            r = bench_encode_clip("tiny", ClipRef(), n_tiny, 64, repeats, tmp, device)
             report(f"encode-clip tiny ({n_tiny} jpeg 256px)", r)
-            r = bench_encode_clip("vit", ClipRef(name=VIT), n_vit, 16, repeats, tmp)
+            r = bench_encode_clip("vit", ClipRef(name=VIT), n_vit, 16, repeats, tmp, device)
             report(f"encode-clip ViT-B-32 ({n_vit} jpeg)", r)
         if args.only == "clip":
             return
-        r = bench_sample("tiny", GeneratorRef(), n_s_tiny, 64, repeats, tmp)
+        r = bench_sample("tiny", GeneratorRef(), n_s_tiny, 64, repeats, tmp, device)
         report(f"sample tiny-64 ({n_s_tiny} rows)", r)
         g256 = GeneratorConfig(
             256, 128, 2, {4: 128, 8: 128, 16: 128, 32: 64, 64: 64, 128: 32, 256: 16}
         )
         save_generator(create_generator(g256, seed=0), tmp / "g256.safetensors")
         ref256 = GeneratorRef(path=str(tmp / "g256.safetensors"))
-        r = bench_sample("g256", ref256, n_s_256, 8, repeats, tmp)
+        r = bench_sample("g256", ref256, n_s_256, 8, repeats, tmp, device)
         report(f"sample 256px ({n_s_256} rows)", r)
 
 

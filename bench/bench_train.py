@@ -40,6 +40,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.mapper import LR_MUL, DeltaMapper, EqualLinear, Mapper, official_layout  # noqa: E402
+from stages.common import resolve_device  # noqa: E402
 from stages.train import (  # noqa: E402
     Prefetcher,
     TrainConfig,
@@ -90,9 +91,17 @@ def random_batch(layout, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def steps_per_s(model, opt, batch, steps: int, repeats: int, autocast: bool = False) -> float:
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so wall-clock timings cover it (no-op on CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def steps_per_s(
+    model, opt, batch, steps: int, repeats: int, autocast: bool = False, device: str = "cpu"
+) -> float:
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=autocast):
             pred = model(batch.s, batch.cond)
         loss, _, _ = mapper_loss(pred.float(), batch.target)
         opt.zero_grad(set_to_none=True)
@@ -100,36 +109,38 @@ def steps_per_s(model, opt, batch, steps: int, repeats: int, autocast: bool = Fa
         opt.step()
 
     step()  # warm-up (allocations, optimizer state)
+    sync(device)
     rates = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
+        sync(device)
         rates.append(steps / (time.perf_counter() - t0))
     return statistics.median(rates)
 
 
-def bench_speed(steps: int, repeats: int, bf16: bool) -> dict:
+def bench_speed(steps: int, repeats: int, bf16: bool, device: str = "cpu") -> dict:
     torch.manual_seed(0)
     layout = official_layout()
-    fast = DeltaMapper(layout, CLIP_DIM)
+    fast = DeltaMapper(layout, CLIP_DIM).to(device)
     base = straightforward(fast)
-    batch = prepare_batch(random_batch(layout), "cpu")
+    batch = prepare_batch(random_batch(layout), device)
     with torch.no_grad():
         diff = (fast(batch.s, batch.cond) - base(batch.s, batch.cond)).abs().max().item()
     n_params = sum(p.numel() for p in fast.parameters())
     print(
         f"official-size mapper: {n_params / 1e6:.1f} M parameters; max |fast - straight| "
-        f"output {diff:.2e}; torch threads {torch.get_num_threads()}"
+        f"output {diff:.2e}; device {device}; torch threads {torch.get_num_threads()}"
     )
     base_opt = torch.optim.Adam(base.parameters(), lr=0.5, foreach=False, fused=False)
-    fast_opt = make_optimizer(fast, 0.5, "cpu")
+    fast_opt = make_optimizer(fast, 0.5, device)
     out = {"params": n_params, "output_max_diff": diff}
     # Interleave so both see the same machine load; median of the medians.
     base_rates, fast_rates = [], []
     for _ in range(2):
-        base_rates.append(steps_per_s(base, base_opt, batch, steps, repeats))
-        fast_rates.append(steps_per_s(fast, fast_opt, batch, steps, repeats))
+        base_rates.append(steps_per_s(base, base_opt, batch, steps, repeats, device=device))
+        fast_rates.append(steps_per_s(fast, fast_opt, batch, steps, repeats, device=device))
     out["baseline_steps_per_s"] = statistics.median(base_rates)
     out["fast_steps_per_s"] = statistics.median(fast_rates)
     out["speedup"] = out["fast_steps_per_s"] / out["baseline_steps_per_s"]
@@ -139,7 +150,9 @@ def bench_speed(steps: int, repeats: int, bf16: bool) -> dict:
         f"{out['speedup']:.2f}x (target >= 1.3x)"
     )
     if bf16:
-        out["bf16_steps_per_s"] = steps_per_s(fast, fast_opt, batch, steps, 1, autocast=True)
+        out["bf16_steps_per_s"] = steps_per_s(
+            fast, fast_opt, batch, steps, repeats, autocast=True, device=device
+        )
         print(
             f"bf16 autocast (forward): {out['bf16_steps_per_s']:.3f} steps/s "
             f"({out['bf16_steps_per_s'] / out['fast_steps_per_s']:.2f}x fp32)"
@@ -193,7 +206,7 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def data_part(root: Path, steps: int, budget_mb: float, prefetch: int) -> dict:
+def data_part(root: Path, steps: int, budget_mb: float, prefetch: int, device: str) -> dict:
     """Run in a fresh process: data path alone, then training on the store; wait share, RSS."""
     from store import PairSampler, RowStore, SamplerSource, store_url
 
@@ -216,7 +229,7 @@ def data_part(root: Path, steps: int, budget_mb: float, prefetch: int) -> dict:
     )
 
     def make(step: int):
-        return prepare_batch(sampler.next_batch(), "cpu")
+        return prepare_batch(sampler.next_batch(), device)
 
     # 1. The data path alone (sampler + prefetch queue), before any model exists;
     #    also its speed: batches/s of the shard-blocked sampler.
@@ -230,8 +243,8 @@ def data_part(root: Path, steps: int, budget_mb: float, prefetch: int) -> dict:
     peak_data = peak_rss()
 
     # 2. Training on the store with the official-size mapper.
-    mapper = DeltaMapper(layout, CLIP_DIM)
-    opt = make_optimizer(mapper, 0.5, "cpu")
+    mapper = DeltaMapper(layout, CLIP_DIM).to(device)
+    opt = make_optimizer(mapper, 0.5, device)
     model_bytes = sum(p.numel() * 4 for p in mapper.parameters())
 
     def train_step(batch) -> None:
@@ -241,7 +254,8 @@ def data_part(root: Path, steps: int, budget_mb: float, prefetch: int) -> dict:
         opt.step()
 
     for k in range(2):  # steady state: gradients and Adam state exist from here on
-        train_step(prepare_batch(random_batch(layout, k), "cpu"))
+        train_step(prepare_batch(random_batch(layout, k), device))
+    sync(device)
     fetch = Prefetcher(make, 0, steps, prefetch)
     wait = 0.0
     t0 = time.perf_counter()
@@ -250,6 +264,7 @@ def data_part(root: Path, steps: int, budget_mb: float, prefetch: int) -> dict:
         batch = fetch.get()
         wait += time.perf_counter() - tw
         train_step(batch)
+    sync(device)
     total = time.perf_counter() - t0
     fetch.close()
     sampler.close()
@@ -268,7 +283,7 @@ def data_part(root: Path, steps: int, budget_mb: float, prefetch: int) -> dict:
             "c_i": np.stack([c_store.read("embed", np.array([r]))[0] for r in i]),
             "c_j": np.stack([c_store.read("embed", np.array([r]))[0] for r in j]),
         }
-        prepare_batch(raw, "cpu")
+        prepare_batch(raw, device)
     row_by_row = (time.perf_counter() - t2) / n_rows_batches
     compute = (total - wait) / steps
     return {
@@ -289,7 +304,9 @@ def data_part(root: Path, steps: int, budget_mb: float, prefetch: int) -> dict:
     }
 
 
-def bench_data(rows: int, rows_per_shard: int, steps: int, budget_mb: float, prefetch: int):
+def bench_data(
+    rows: int, rows_per_shard: int, steps: int, budget_mb: float, prefetch: int, device: str
+):
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         root = Path(tmp) / "store"
         t0 = time.perf_counter()
@@ -309,6 +326,8 @@ def bench_data(rows: int, rows_per_shard: int, steps: int, budget_mb: float, pre
             str(budget_mb),
             "--prefetch",
             str(prefetch),
+            "--device",
+            device,
         ]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
@@ -364,21 +383,25 @@ def main() -> None:
     ap.add_argument("--budget-mb", type=float, default=None)
     ap.add_argument("--prefetch", type=int, default=4)
     ap.add_argument("--bf16", action="store_true", help="also time bf16 autocast")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-data", action="store_true")
     ap.add_argument("--_data-part", dest="data_part", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    device = resolve_device(args.device)
     if args.data_part:
-        r = data_part(Path(args.data_part), args.steps, args.budget_mb, args.prefetch)
+        r = data_part(Path(args.data_part), args.steps, args.budget_mb, args.prefetch, device)
         print(json.dumps(r))
         return
     rows = args.rows or (2048 if args.quick else 200_000)
     steps = args.steps or (2 if args.quick else 20)
     budget = args.budget_mb or (128.0 if args.quick else 1024.0)
     if not args.skip_data:  # first: its subprocess forks from a still small parent
-        bench_data(rows, args.rows_per_shard, 6 if args.quick else 50, budget, args.prefetch)
+        bench_data(
+            rows, args.rows_per_shard, 6 if args.quick else 50, budget, args.prefetch, device
+        )
     if not args.skip_speed:
-        bench_speed(steps, 1 if args.quick else 5, args.bf16)
+        bench_speed(steps, 1 if args.quick else 5, args.bf16, device)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.clip import ClipModel, load_clip, register_config, save_clip
+from stages.common import resolve_device
 from stages.config import require
 from stages.world import (
     ATTRIBUTES,
@@ -90,6 +91,9 @@ class WorldTrainConfig:
     clip_init: str | None = None  # continue from this save_clip checkpoint (None = from seed)
     preprocessing: Literal["clip", "deltaedit"] = "deltaedit"
     threads: int = 2
+    # where the training steps run: cpu | cuda | auto. The committed weights were trained
+    # on cpu; a GPU run of the same config gives different (not worse) weights.
+    device: str = "cpu"
 
     def validate(self) -> None:
         for key in ("n_train", "n_heldout", "ae_batch", "clip_batch", "threads"):
@@ -109,6 +113,12 @@ class WorldTrainConfig:
         for key in ("ae_max_minutes", "clip_max_minutes"):
             v = getattr(self, key)
             require(v >= 0, key, v, "a number >= 0 (0 = no cap)")
+        require(
+            self.device in ("cpu", "auto") or self.device.startswith("cuda"),
+            "device",
+            self.device,
+            "cpu, cuda, cuda:N or auto",
+        )
 
 
 # --- data ---------------------------------------------------------------------------
@@ -226,8 +236,10 @@ def train_autoencoder(
     else:
         G = create_generator(generator_config or cfg.generator_config, seed=cfg.seed)
         E = create_e4e(e4e_config or cfg.e4e_config, seed=cfg.seed + 1)
-    G.train().requires_grad_(True)
-    E.train().requires_grad_(True)
+    device = resolve_device(cfg.device)
+    G.to(device).train().requires_grad_(True)
+    E.to(device).train().requires_grad_(True)
+    images = train.images.to(device)
     if cfg.ae_torgb_styles == "fixed":
         hold_torgb_styles(G)
     params = [p for p in list(G.parameters()) + list(E.parameters()) if p.requires_grad]
@@ -240,7 +252,7 @@ def train_autoencoder(
         torch.from_numpy(G.layout.conv_index())
         if cfg.ae_torgb_styles == "fixed"
         else torch.arange(G.layout.dim)
-    )
+    ).to(device)
     losses: list[float] = []
     sparsity: list[float] = []
     start = time.perf_counter()
@@ -255,7 +267,7 @@ def train_autoencoder(
         if pairs:  # [x_a || counterfactual(x_a)], each half ae_batch // 2
             idx = torch.randint(len(train.images), (cfg.ae_batch // 2,), generator=gen)
             x_cf = counterfactual_batch([train.scenes[i] for i in idx], world, cf_rng)
-            x = torch.cat([train.images[idx], x_cf])
+            x = torch.cat([images[idx.to(device)], x_cf.to(device)])
             s_all = G.w_to_s(E(x))  # [B, D]
             loss = ae_loss(G.synthesize(s_all, noise_mode="const"), x, cfg.ae_l1, cfg.ae_grad_l1)
             s_a, s_b = s_all[:, varying].chunk(2)
@@ -264,7 +276,7 @@ def train_autoencoder(
             sparsity.append(sp.item())
         else:
             idx = torch.randint(len(train.images), (cfg.ae_batch,), generator=gen)
-            x = train.images[idx]
+            x = images[idx.to(device)]
             loss = ae_loss(autoencode(G, E, x), x, cfg.ae_l1, cfg.ae_grad_l1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -278,9 +290,10 @@ def train_autoencoder(
             bar.set_postfix(post)
         if cfg.ae_max_minutes and time.perf_counter() - start > cfg.ae_max_minutes * 60:
             break
-    G.eval().requires_grad_(False)
-    E.eval().requires_grad_(False)
+    G.cpu().eval().requires_grad_(False)  # saving, metrics and the stages: cpu tensors
+    E.cpu().eval().requires_grad_(False)
     log = {
+        "device": device,
         "iterations": done,
         "stopped_early": done < cfg.ae_iterations,
         "seconds": round(time.perf_counter() - start, 1),
@@ -328,6 +341,8 @@ def train_clip(
         clip = load_clip(cfg.clip_init)
     else:
         clip = load_clip(cfg.clip_name, seed=cfg.seed)
+    device = resolve_device(cfg.device)
+    clip.to(device)
     model = clip.model.train().requires_grad_(True)
     # The BPE token table (49408 x width) stays at its random init: training it costs
     # most of the step on 2 cores, and the world's ~60 words are told apart anyway.
@@ -349,7 +364,7 @@ def train_clip(
         idx = torch.randint(len(train.images), (cfg.clip_batch,), generator=gen)
         batch_scenes = [train.scenes[i] for i in idx.tolist()]
         captions = [sample_caption(s, rng, world.keep_attribute) for s in batch_scenes]
-        positives = fit_matrix(batch_scenes, captions)
+        positives = fit_matrix(batch_scenes, captions).to(device)
         tokens = clip.tokenize([c.text for c in captions])
         img = model.encode_image(clip.preprocess_images(train.images[idx], cfg.preprocessing))
         txt = model.encode_text(tokens)
@@ -363,9 +378,10 @@ def train_clip(
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         if cfg.clip_max_minutes and time.perf_counter() - start > cfg.clip_max_minutes * 60:
             break
-    model.eval().requires_grad_(False)
+    model.cpu().eval().requires_grad_(False)
     trained = ClipModel(clip.name, clip.config, model, "cpu")  # fresh fingerprint + cache
     log = {
+        "device": device,
         "iterations": done,
         "stopped_early": done < cfg.clip_iterations,
         "seconds": round(time.perf_counter() - start, 1),

@@ -65,3 +65,21 @@ def test_cli_help_lists_usage():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
     assert "DeltaEdit" in result.output
+
+
+def test_python_dash_m_pipeline_is_the_deltaedit_command():
+    """Where the `deltaedit` script is not on PATH (a GPU box with PYTHONPATH set)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "world", "train", "--help"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--only" in done.stdout

@@ -148,6 +148,7 @@ def test_multi_positive_targets_count_every_fitting_caption():
         (["world_train.ae_lr=-1"], "world_train.ae_lr: got -1"),
         (["world_train.ae_grad_l1=-0.5"], "world_train.ae_grad_l1: got -0.5"),
         (["world_train.ae_torgb_styles=frozen"], "world_train.ae_torgb_styles: got 'frozen'"),
+        (["world_train.device=tpu"], "world_train.device: got 'tpu'"),
         (
             ["world_train.ae_cf_sparsity=0.1", "world_train.ae_batch=1"],
             "world_train.ae_batch: got 1, expected an integer >= 2 with pairs",
@@ -200,6 +201,7 @@ def test_world_train_cli_writes_weights_and_metrics(tmp_path):
         "clip_batch": 8,
         "clip_name": "world-clip-test",
         "threads": 1,
+        "device": "auto",  # cuda where there is one: the weights come back as cpu tensors
     }
     args = ["world", "train", "--params", str(tmp_path / "x.yaml"), "--out", str(out)]
     for k, v in sets.items():
@@ -210,6 +212,8 @@ def test_world_train_cli_writes_weights_and_metrics(tmp_path):
         assert (out / f"{name}.safetensors").exists() and (out / f"{name}.json").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["autoencoder"]["iterations"] == 2 and metrics["clip"]["iterations"] == 2
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert metrics["autoencoder"]["device"] == device and metrics["clip"]["device"] == device
     assert set(metrics["clip"]["zero_shot"]) == {"shape", "color", "background", "size"}
     oracle = metrics["combined"]["oracle_color_blue"]
     assert oracle["status"] == "ok" and oracle["n_rows"] == 12
