@@ -116,6 +116,8 @@ class Setup:
                 neutral=spec.neutral,
                 beta=beta,
                 levels=levels,
+                # the share of the direction-free part an antisymmetric edit keeps
+                mean_pull=spec.mean_pull if method in ("antisymmetric", "oracle") else 0.0,
             )
             neutral = self.edit_cfg.neutral_for(edit)
             # the mapper moves its own channels (conv, or all with train.channels all)
@@ -136,7 +138,8 @@ class Setup:
                 truth = truth_images_for(self.scenes, attribute, value, self.world)
                 c_true = clip_embed(self.clip, truth, self.clip_ref.preprocessing)
                 anti = self.edit_cfg.antisymmetric  # the form the pipeline's edits use
-                s_edit = oracle_s(self.mapper, self.s, self.c, c_true, self.layout, anti)
+                pull = edit.mean_pull if anti else 0.0
+                s_edit = oracle_s(self.mapper, self.s, self.c, c_true, self.layout, anti, pull)
             elif method in ("mapper", "antisymmetric"):
                 anti = method == "antisymmetric"
                 s_edit = edit_rows(

@@ -94,6 +94,7 @@ class TargetDelta:
     delta_t: torch.Tensor  # [E], unnormalized
     alpha: float
     mask: torch.Tensor  # [Dconv] bool: beta mask & level mask
+    mean_pull: float = 0.0  # share of the direction-free part kept (see mapped_delta)
 
     def scale(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
         """alpha * mask [Dconv] on device (None when it is all ones: nothing to multiply)."""
@@ -112,21 +113,26 @@ def mapped_delta(
     s_conv: torch.Tensor,
     cond: torch.Tensor,
     antisymmetric: bool = False,
+    mean_pull: float = 0.0,
 ) -> torch.Tensor:
     """mapper(s, [c || d]) [B, Dconv], or with `antisymmetric`
-    (mapper(s, [c || d]) - mapper(s, [c || -d])) / 2.
+    (M(d) - M(-d)) / 2 + mean_pull * (M(d) + M(-d)) / 2, M(d) = mapper(s, [c || d]).
 
     A mapper trained on random pairs learns E[delta_s | s, c, d], which holds a part that
     does not turn with the direction d: a random partner is on average more typical than
     the source, so every predicted delta also pulls s toward the dataset mean (shapes
     drift to the centre, other attributes fade). The difference of the two opposite
-    directions keeps the part that is odd in d and cancels that pull.
+    directions keeps the part that is odd in d and cancels that pull; `mean_pull` keeps
+    that share of the even part (0 = none, 1 = the plain output again).
     """
     if not antisymmetric:
         return mapper(s_conv, cond)
     e = cond.shape[1] // 2
     flipped = torch.cat([cond[:, :e], -cond[:, e:]], dim=1)
-    return (mapper(s_conv, cond) - mapper(s_conv, flipped)) * 0.5
+    ahead, back = mapper(s_conv, cond), mapper(s_conv, flipped)
+    if mean_pull == 0.0:
+        return (ahead - back) * 0.5
+    return (ahead - back) * 0.5 + (ahead + back) * (0.5 * mean_pull)
 
 
 def mapper_delta(
@@ -137,11 +143,12 @@ def mapper_delta(
     antisymmetric: bool = False,
 ) -> torch.Tensor:
     """delta_s_conv [B, Dconv] = sum_k alpha_k * mask_k * mapper(s_conv, cond_k)
-    (the antisymmetric form of mapped_delta when `antisymmetric`)."""
+    (the antisymmetric form of mapped_delta, with each target's mean_pull, when
+    `antisymmetric`)."""
     total = None
     for t in targets:
         cond = mapper_condition(c, t.delta_t)
-        d = mapped_delta(mapper, s_conv, cond, antisymmetric)
+        d = mapped_delta(mapper, s_conv, cond, antisymmetric, t.mean_pull)
         scale = t.scale(d.device, d.dtype)
         if total is None:
             total = d if scale is None else d * scale
@@ -187,7 +194,8 @@ class EditSpec:
     """One edit: `target` (one prompt or several composed), strength(s), mask, levels.
 
     `alphas` runs a sweep: one edit per value, named `<name>_a<value>`, each
-    target's alpha multiplied by the value.
+    target's alpha multiplied by the value. `mean_pull` (with edit.antisymmetric):
+    the share of the mapper's direction-free part kept, see mapped_delta.
     """
 
     name: str
@@ -197,6 +205,7 @@ class EditSpec:
     beta: float = 0.03
     levels: tuple[str, ...] = LEVELS
     alphas: tuple[float, ...] = ()
+    mean_pull: float = 0.0
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -230,6 +239,7 @@ class EditSpec:
             for base in self.target_alphas:
                 check_alpha(a * base, f"{key}.alphas (x alpha)")
         check_beta(self.beta, f"{key}.beta")
+        check_mean_pull(self.mean_pull, f"{key}.mean_pull")
         require(
             len(self.levels) > 0 and all(lv in LEVELS for lv in self.levels),
             f"{key}.levels",
@@ -255,6 +265,7 @@ class EditSpec:
                     neutral=self.neutral,
                     beta=self.beta,
                     levels=tuple(self.levels),
+                    mean_pull=float(self.mean_pull),
                 )
             )
         return out
@@ -270,6 +281,7 @@ class ResolvedEdit:
     neutral: str | None
     beta: float
     levels: tuple[str, ...]
+    mean_pull: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -316,6 +328,13 @@ class EditConfig:
         names: set[str] = set()
         for i, spec in enumerate(self.edits):
             spec.check(f"edits[{i}]")
+            if spec.mean_pull != 0.0:  # only the antisymmetric form has a part to keep
+                require(
+                    self.antisymmetric,
+                    f"edits[{i}].mean_pull",
+                    spec.mean_pull,
+                    "0 unless edit.antisymmetric is true (the plain output keeps all of it)",
+                )
             for r in spec.expand():
                 require(r.name not in names, f"edits[{i}].name", r.name, "a unique edit name")
                 names.add(r.name)
@@ -347,6 +366,11 @@ def check_prompt(prompt: str, key: str) -> None:
 def check_alpha(alpha: float, key: str) -> None:
     ok = isinstance(alpha, (int, float)) and math.isfinite(alpha) and abs(alpha) <= ALPHA_LIMIT
     require(ok, key, alpha, f"a finite number in [-{ALPHA_LIMIT:g}, {ALPHA_LIMIT:g}]")
+
+
+def check_mean_pull(mean_pull: float, key: str) -> None:
+    ok = isinstance(mean_pull, (int, float)) and 0 <= mean_pull <= 1
+    require(ok, key, mean_pull, "a number in [0, 1]")
 
 
 def check_beta(beta: float, key: str) -> None:
@@ -446,7 +470,7 @@ def prepare_targets(
                 keep = conv_keep
             else:
                 keep[conv_pos] = conv_keep
-        out.append(TargetDelta(prompt, dt, float(alpha), keep & lv))
+        out.append(TargetDelta(prompt, dt, float(alpha), keep & lv, edit.mean_pull))
     return out
 
 
@@ -770,6 +794,7 @@ def _provenance(
         "sweep": edit.sweep,
         "method": cfg.method,
         "antisymmetric": bool(cfg.antisymmetric and mapper is not None),
+        "mean_pull": edit.mean_pull if cfg.antisymmetric and mapper is not None else None,
         "targets": list(edit.targets),
         "neutral": neutral,
         "alphas": list(edit.alphas),

@@ -196,7 +196,8 @@ def edit_title(name: str, attrs: dict) -> list[str]:
     prompt = " + ".join(f"'{t}' (alpha {a:g})" for t, a in zip(targets, alphas, strict=False))
     method = attrs.get("method")
     if attrs.get("antisymmetric"):
-        method = f"{method} (antisymmetric)"
+        pull = attrs.get("mean_pull") or 0.0
+        method = f"{method} (antisymmetric{f', mean pull {pull:g}' if pull else ''})"
     return [
         f"{name}: {prompt}",
         f"neutral '{attrs.get('neutral')}', beta {attrs.get('beta')}, "

@@ -143,6 +143,8 @@ def test_edit_name_that_escapes_the_directory_is_refused(name):
         ({"target": ("a", "b"), "alpha": (1.0,)}, "alpha"),
         ({"levels": ("coarse", "huge")}, "levels"),
         ({"alphas": (1.0, 20.0)}, "alphas"),
+        ({"mean_pull": 1.5}, "mean_pull"),
+        ({"mean_pull": -0.1}, "mean_pull"),
     ],
 )
 def test_bad_edit_values_fail_naming_the_key(kwargs, key):
@@ -299,6 +301,21 @@ def test_antisymmetric_mapped_delta_cancels_the_part_that_ignores_the_direction(
     assert torch.allclose(mapped_delta(mapper, s, flipped, True), -got, atol=1e-5)
     t = TargetDelta("a", d, 2.0, torch.ones(dconv, dtype=torch.bool))
     assert torch.allclose(mapper_delta(mapper, s, c, [t], antisymmetric=True), 2 * got, atol=1e-5)
+    # mean_pull keeps that share of the pull: 1 is the plain output again
+    even = -0.7 * s + cond[:, :e].sum(1, keepdim=True)
+    part = mapped_delta(mapper, s, cond, True, mean_pull=0.25)
+    assert torch.allclose(part, got + 0.25 * even, atol=1e-5)
+    assert torch.allclose(mapped_delta(mapper, s, cond, True, 1.0), mapper(s, cond), atol=1e-5)
+    t.mean_pull = 0.25
+    assert torch.allclose(mapper_delta(mapper, s, c, [t], antisymmetric=True), 2 * part, atol=1e-5)
+
+
+def test_mean_pull_needs_the_antisymmetric_form():
+    spec = EditSpec(name="tri", target="triangle", mean_pull=0.25)
+    EditConfig(edits=(spec,), antisymmetric=True).validate()
+    with pytest.raises(ConfigError) as err:
+        EditConfig(edits=(spec,), antisymmetric=False).validate()
+    assert err.value.key == "edits[0].mean_pull" and "antisymmetric" in err.value.expected
 
 
 def test_edit_stage_antisymmetric_matches_the_math_and_is_recorded(dataset, tmp_path):
@@ -548,6 +565,7 @@ def cli_base(ds, tmp_path):
         (["--target", "x", "--alpha", "abc"], "--alpha: got 'abc'"),
         (["--target", "x", "--levels", "coarse,top"], "subset of coarse, medium, fine"),
         (["--beta", "0.1"], "give --target too"),
+        (["--target", "x", "--mean-pull", "0.5"], "edit.edits[0].mean_pull: got 0.5"),
         ([], "no edits"),
     ],
 )
@@ -579,6 +597,8 @@ def test_cli_edit_from_the_command_line_and_long_prompt_warning(dataset, tmp_pat
         "--sample",
         "5",
         "--antisymmetric",
+        "--mean-pull",
+        "0.25",
     )
     assert r.exit_code == 0, r.output
     assert "truncated" in r.output and "context" in r.output
@@ -586,7 +606,7 @@ def test_cli_edit_from_the_command_line_and_long_prompt_warning(dataset, tmp_pat
     assert len(out.ok_rows()) == 5
     a = out.attrs
     assert a["neutral"] == "shape" and a["alphas"] == [0.5] and a["levels"] == ["coarse", "fine"]
-    assert a["antisymmetric"] is True
+    assert a["antisymmetric"] is True and a["mean_pull"] == 0.25
     assert "wrote" in r.output and "5 rows edited" in r.output
 
 

@@ -77,6 +77,8 @@ def test_contact_sheet_writes_title_and_pairs():
     assert "antisymmetric" not in title[1]
     anti = edit_title("smile", attrs | {"antisymmetric": True})
     assert "method mapper (antisymmetric)" in anti[1]
+    pulled = edit_title("smile", attrs | {"antisymmetric": True, "mean_pull": 0.25})
+    assert "method mapper (antisymmetric, mean pull 0.25)" in pulled[1]
     before, after = [image(0), image(1)], [image(2), image(3)]
     sheet = contact_sheet(before, after, title, ["a", "b"], tile=64)
     blank = contact_sheet(before, after, [], [], tile=64)

@@ -144,6 +144,11 @@ def _slug(text: str) -> str:
     help="Mapper delta as (M(d) - M(-d)) / 2: cancels the pull toward the dataset mean "
     "that random-pair training builds in [edit.antisymmetric].",
 )
+@click.option(
+    "--mean-pull",
+    type=float,
+    help="With --antisymmetric: share in [0, 1] of that pull kept (0 = none, 1 = plain).",
+)
 @click.option("--store", help="Dataset root with s.zarr + clip.zarr [edit.store].")
 @click.option("--ids", help="Edit only these manifest ids (comma separated).")
 @click.option("--range", "row_range", help="Edit only rows START:STOP.")
@@ -161,6 +166,7 @@ def edit_cmd(
     levels,
     method,
     antisymmetric,
+    mean_pull,
     store,
     ids,
     row_range,
@@ -203,13 +209,15 @@ def edit_cmd(
             ("beta", beta),
             ("levels", _csv(levels)),
             ("alphas", _floats(alphas, "--alphas")),
+            ("mean_pull", mean_pull),
         ):
             if value is not None:
                 spec[key] = value
         flags["edit.edits"] = [spec]
-    elif any(v is not None for v in (neutral, name, alpha, alphas, beta, levels)):
+    elif any(v is not None for v in (neutral, name, alpha, alphas, beta, levels, mean_pull)):
         raise click.ClickException(
-            "--neutral/--name/--alpha/--alphas/--beta/--levels describe a command-line edit: "
+            "--neutral/--name/--alpha/--alphas/--beta/--levels/--mean-pull describe a "
+            "command-line edit: "
             "give --target too (or set them under edit.edits in params)"
         )
     params = load(params_path, sets, flags)
