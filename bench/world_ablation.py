@@ -116,8 +116,11 @@ class Setup:
                 neutral=spec.neutral,
                 beta=beta,
                 levels=levels,
-                # the share of the direction-free part an antisymmetric edit keeps
-                mean_pull=spec.mean_pull if method in ("antisymmetric", "oracle") else 0.0,
+                # the mapper form (mapped_delta): antisymmetric with the edit's mean_pull;
+                # the oracle follows the pipeline's edit.antisymmetric; else plain (1)
+                mean_pull=spec.mean_pull
+                if method == "antisymmetric" or (method == "oracle" and self.edit_cfg.antisymmetric)
+                else 1.0,
             )
             neutral = self.edit_cfg.neutral_for(edit)
             # the mapper moves its own channels (conv, or all with train.channels all)
@@ -137,14 +140,10 @@ class Setup:
             elif method == "oracle":  # the mapper on the true image delta (world_evaluate)
                 truth = truth_images_for(self.scenes, attribute, value, self.world)
                 c_true = clip_embed(self.clip, truth, self.clip_ref.preprocessing)
-                anti = self.edit_cfg.antisymmetric  # the form the pipeline's edits use
-                pull = edit.mean_pull if anti else 0.0
-                s_edit = oracle_s(self.mapper, self.s, self.c, c_true, self.layout, anti, pull)
+                pull = edit.mean_pull
+                s_edit = oracle_s(self.mapper, self.s, self.c, c_true, self.layout, pull)
             elif method in ("mapper", "antisymmetric"):
-                anti = method == "antisymmetric"
-                s_edit = edit_rows(
-                    self.s, self.c, targets, work, self.mapper, None, 64, antisymmetric=anti
-                )
+                s_edit = edit_rows(self.s, self.c, targets, work, self.mapper, None, 64)
             else:
                 s_std = torch.as_tensor(self.rel.s_std[self.layout.conv_index()])
                 gd = global_direction_delta(self.rel.directions, s_std, targets)

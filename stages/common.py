@@ -18,14 +18,14 @@ class ExecutionConfig:
     batch_size: int = 64
 
     def validate(self) -> None:
-        require(
-            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-            "device",
-            self.device,
-            "auto, cpu, cuda or cuda:N",
-        )
+        check_device(self.device)
         require(self.workers >= 1, "workers", self.workers, "an integer >= 1")
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+
+
+def check_device(device: str, key: str = "device") -> None:
+    ok = device in ("auto", "cpu", "cuda") or device.startswith("cuda:")
+    require(ok, key, device, "auto, cpu, cuda or cuda:N")
 
 
 def resolve_device(device: str) -> str:

@@ -5,7 +5,8 @@ DeltaEdit inference (paper + official code), with the strength alpha added:
     delta_t = normalize(t_target) - normalize(t_neutral)        (template averages, [E])
     keep_k  = |relevance_k . delta_t| >= beta                   (unnormalized delta_t; beta 0 = all)
     delta_s = mapper(s_conv, [normalize(c) || normalize(delta_t)])   ([B, Dconv])
-    (edit.antisymmetric: delta_s = (mapper(.., d) - mapper(.., -d)) / 2, see mapped_delta)
+    (edit.antisymmetric: delta_s = (mapper(.., d) - mapper(.., -d)) / 2 + the edit's
+     mean_pull share of the even part, see mapped_delta)
     s'_conv = s_conv + alpha * keep * level_mask * delta_s      (toRGB styles unchanged)
 
 Several targets in one edit add up: sum_k alpha_k * keep_k * delta_s_k. The
@@ -26,7 +27,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -94,7 +95,9 @@ class TargetDelta:
     delta_t: torch.Tensor  # [E], unnormalized
     alpha: float
     mask: torch.Tensor  # [Dconv] bool: beta mask & level mask
-    mean_pull: float = 0.0  # share of the direction-free part kept (see mapped_delta)
+    # share of the direction-free part kept (mapped_delta): 1 = the plain mapper output,
+    # 0 = antisymmetric
+    mean_pull: float = 1.0
 
     def scale(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
         """alpha * mask [Dconv] on device (None when it is all ones: nothing to multiply)."""
@@ -112,27 +115,27 @@ def mapped_delta(
     mapper: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     s_conv: torch.Tensor,
     cond: torch.Tensor,
-    antisymmetric: bool = False,
-    mean_pull: float = 0.0,
+    mean_pull: float = 1.0,
 ) -> torch.Tensor:
-    """mapper(s, [c || d]) [B, Dconv], or with `antisymmetric`
-    (M(d) - M(-d)) / 2 + mean_pull * (M(d) + M(-d)) / 2, M(d) = mapper(s, [c || d]).
+    """(M(d) - M(-d)) / 2 + mean_pull * (M(d) + M(-d)) / 2 [B, Dconv], M(d) =
+    mapper(s, [c || d]): mean_pull 1 is the plain output M(d) (one pass, the official
+    inference), 0 the antisymmetric form (edit.antisymmetric).
 
     A mapper trained on random pairs learns E[delta_s | s, c, d], which holds a part that
     does not turn with the direction d: a random partner is on average more typical than
     the source, so every predicted delta also pulls s toward the dataset mean (shapes
     drift to the centre, other attributes fade). The difference of the two opposite
     directions keeps the part that is odd in d and cancels that pull; `mean_pull` keeps
-    that share of the even part (0 = none, 1 = the plain output again).
+    that share of the even part.
     """
-    if not antisymmetric:
+    if mean_pull == 1.0:
         return mapper(s_conv, cond)
     e = cond.shape[1] // 2
     flipped = torch.cat([cond[:, :e], -cond[:, e:]], dim=1)
-    ahead, back = mapper(s_conv, cond), mapper(s_conv, flipped)
-    if mean_pull == 0.0:
-        return (ahead - back) * 0.5
-    return (ahead - back) * 0.5 + (ahead + back) * (0.5 * mean_pull)
+    # (a - b) / 2 + k (a + b) / 2 = ((1 + k) a - (1 - k) b) / 2
+    return mapper(s_conv, cond) * (0.5 + 0.5 * mean_pull) - mapper(s_conv, flipped) * (
+        0.5 - 0.5 * mean_pull
+    )
 
 
 def mapper_delta(
@@ -140,15 +143,13 @@ def mapper_delta(
     s_conv: torch.Tensor,
     c: torch.Tensor,
     targets: Sequence[TargetDelta],
-    antisymmetric: bool = False,
 ) -> torch.Tensor:
-    """delta_s_conv [B, Dconv] = sum_k alpha_k * mask_k * mapper(s_conv, cond_k)
-    (the antisymmetric form of mapped_delta, with each target's mean_pull, when
-    `antisymmetric`)."""
+    """delta_s_conv [B, Dconv] = sum_k alpha_k * mask_k * mapped_delta(.., cond_k) with each
+    target's mean_pull (1 = the plain mapper(s_conv, cond_k))."""
     total = None
     for t in targets:
         cond = mapper_condition(c, t.delta_t)
-        d = mapped_delta(mapper, s_conv, cond, antisymmetric, t.mean_pull)
+        d = mapped_delta(mapper, s_conv, cond, t.mean_pull)
         scale = t.scale(d.device, d.dtype)
         if total is None:
             total = d if scale is None else d * scale
@@ -281,7 +282,7 @@ class ResolvedEdit:
     neutral: str | None
     beta: float
     levels: tuple[str, ...]
-    mean_pull: float = 0.0
+    mean_pull: float = 1.0  # the form applied: 1 = plain, below 1 = antisymmetric (resolved)
 
 
 @dataclass(frozen=True)
@@ -347,7 +348,13 @@ class EditConfig:
         return edit.neutral if edit.neutral is not None else NEUTRAL_BY_KIND[self.dataset_kind]
 
     def resolved(self) -> list[ResolvedEdit]:
-        return [r for spec in self.edits for r in spec.expand()]
+        """The edits to run, each with the mapper form it applies: its mean_pull with
+        edit.antisymmetric, 1 (the plain output) without."""
+        return [
+            r if self.antisymmetric else replace(r, mean_pull=1.0)
+            for spec in self.edits
+            for r in spec.expand()
+        ]
 
 
 def check_name(name: str, key: str) -> None:
@@ -649,7 +656,6 @@ def run(
                         gd,
                         execution.batch_size,
                         device,
-                        antisymmetric=cfg.antisymmetric,
                     )
                     status[idx] = int(Status.OK)
                 if writing is not None:
@@ -691,7 +697,6 @@ def edit_rows(
     gd_delta: torch.Tensor | None,
     batch_size: int,
     device: str = "cpu",
-    antisymmetric: bool = False,
 ) -> np.ndarray:
     """s' [n, D] for rows s [n, D] (c [n, E] for the mapper), in batches of batch_size.
 
@@ -705,7 +710,7 @@ def edit_rows(
         if mapper is not None:
             s_conv = torch.from_numpy(np.ascontiguousarray(out[rows][:, idx])).to(device)
             cb = torch.as_tensor(c[rows], dtype=torch.float32, device=device)
-            delta = mapper_delta(mapper, s_conv, cb, targets, antisymmetric).float().cpu().numpy()
+            delta = mapper_delta(mapper, s_conv, cb, targets).float().cpu().numpy()
         else:
             delta = gd_delta.float().cpu().numpy()[None]
         for flat, conv in runs:
@@ -794,7 +799,7 @@ def _provenance(
         "sweep": edit.sweep,
         "method": cfg.method,
         "antisymmetric": bool(cfg.antisymmetric and mapper is not None),
-        "mean_pull": edit.mean_pull if cfg.antisymmetric and mapper is not None else None,
+        "mean_pull": edit.mean_pull if mapper is not None else None,  # 1 = plain
         "targets": list(edit.targets),
         "neutral": neutral,
         "alphas": list(edit.alphas),

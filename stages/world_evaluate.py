@@ -178,19 +178,18 @@ def oracle_s(
     c: np.ndarray,
     c_true: np.ndarray,
     layout: Any,
-    antisymmetric: bool = False,
-    mean_pull: float = 0.0,
+    mean_pull: float = 1.0,
 ) -> np.ndarray:
     """s + mapper(s_conv, [c_hat || normalize(c_hat_true - c_hat)]) on the mapper's channels
     (conv, or all for a mapper trained with train.channels all); the edit's own form
-    (mapped_delta: antisymmetric and mean_pull as the edit had them)."""
+    (mapped_delta with the edit's mean_pull: 1 = plain, below 1 = antisymmetric)."""
     from stages.edit import mapped_delta
     from stages.train import make_cond
 
     idx = getattr(mapper, "s_layout", layout).conv_index()  # the mapper's channels
     s_conv = torch.from_numpy(np.ascontiguousarray(s[:, idx]))
     cond = make_cond(torch.from_numpy(c).float(), torch.from_numpy(c_true).float())
-    delta = mapped_delta(mapper, s_conv, cond, antisymmetric, mean_pull).float().numpy()
+    delta = mapped_delta(mapper, s_conv, cond, mean_pull).float().numpy()
     out = np.array(s, np.float32, copy=True)
     out[:, idx] += delta
     return out
@@ -301,10 +300,10 @@ def evaluate_one(
             unavailable["oracle_image_delta"] = f"no mapper at {cfg.mapper}"
         else:
             c_true = clip_embed(models.clip, truth, models.preprocessing)
-            anti = bool(attrs.get("antisymmetric", False))
-            pull = float(attrs.get("mean_pull") or 0.0)
+            pull = attrs.get("mean_pull")  # the form the edit applied (None: no mapper)
+            pull = 1.0 if pull is None else float(pull)
             methods["oracle_image_delta"] = score(
-                oracle_s(models.mapper, s, c, c_true, layout, anti, pull)
+                oracle_s(models.mapper, s, c, c_true, layout, pull)
             )
     if "global_direction" in cfg.methods:
         if models.relevance is None:

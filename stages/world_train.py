@@ -29,12 +29,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model.clip import ClipModel, load_clip, register_config, save_clip
-from stages.common import resolve_device
+from stages.common import check_device, resolve_device
 from stages.config import require
 from stages.world import (
     ATTRIBUTES,
     Scene,
     WorldConfig,
+    attribute_values,
+    counterfactual,
     from_unit,
     render_many,
     sample_caption,
@@ -113,12 +115,7 @@ class WorldTrainConfig:
         for key in ("ae_max_minutes", "clip_max_minutes"):
             v = getattr(self, key)
             require(v >= 0, key, v, "a number >= 0 (0 = no cap)")
-        require(
-            self.device in ("cpu", "auto") or self.device.startswith("cuda"),
-            "device",
-            self.device,
-            "cpu, cuda, cuda:N or auto",
-        )
+        check_device(self.device)
 
 
 # --- data ---------------------------------------------------------------------------
@@ -181,8 +178,6 @@ def counterfactual_batch(
     batch_scenes: list[Scene], world: WorldConfig, rng: np.random.Generator
 ) -> torch.Tensor:
     """Each scene with one attribute (chosen at random) set to another of its values."""
-    from stages.world import attribute_values, counterfactual
-
     out = []
     for sc in batch_scenes:
         attribute = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]

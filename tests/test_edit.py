@@ -292,22 +292,22 @@ def test_antisymmetric_mapped_delta_cancels_the_part_that_ignores_the_direction(
 
     s, c, d = torch.randn(4, dconv) * 3, torch.randn(4, e), torch.randn(e)
     cond = mapper_condition(c, d)
-    got = mapped_delta(mapper, s, cond, antisymmetric=True)
+    got = mapped_delta(mapper, s, cond, mean_pull=0.0)  # antisymmetric
     assert torch.allclose(got, cond[:, e:] @ w, atol=1e-5)
     assert torch.equal(mapped_delta(mapper, s, cond), mapper(s, cond))  # plain = as is
     assert not torch.allclose(mapper(s, cond), got, atol=1e-2)
     # opposite prompts give exactly opposite edits; the plain mapper does not
     flipped = mapper_condition(c, -d)
-    assert torch.allclose(mapped_delta(mapper, s, flipped, True), -got, atol=1e-5)
-    t = TargetDelta("a", d, 2.0, torch.ones(dconv, dtype=torch.bool))
-    assert torch.allclose(mapper_delta(mapper, s, c, [t], antisymmetric=True), 2 * got, atol=1e-5)
+    assert torch.allclose(mapped_delta(mapper, s, flipped, 0.0), -got, atol=1e-5)
+    t = TargetDelta("a", d, 2.0, torch.ones(dconv, dtype=torch.bool), mean_pull=0.0)
+    assert torch.allclose(mapper_delta(mapper, s, c, [t]), 2 * got, atol=1e-5)
     # mean_pull keeps that share of the pull: 1 is the plain output again
     even = -0.7 * s + cond[:, :e].sum(1, keepdim=True)
-    part = mapped_delta(mapper, s, cond, True, mean_pull=0.25)
+    part = mapped_delta(mapper, s, cond, mean_pull=0.25)
     assert torch.allclose(part, got + 0.25 * even, atol=1e-5)
-    assert torch.allclose(mapped_delta(mapper, s, cond, True, 1.0), mapper(s, cond), atol=1e-5)
+    assert torch.allclose(mapped_delta(mapper, s, cond, 1.0), mapper(s, cond), atol=1e-5)
     t.mean_pull = 0.25
-    assert torch.allclose(mapper_delta(mapper, s, c, [t], antisymmetric=True), 2 * part, atol=1e-5)
+    assert torch.allclose(mapper_delta(mapper, s, c, [t]), 2 * part, atol=1e-5)
 
 
 def test_mean_pull_needs_the_antisymmetric_form():
