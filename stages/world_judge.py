@@ -6,7 +6,12 @@ farthest from the background, matched to the shape palette; per-pixel coverage
 alpha = projection of (pixel - background) on (colour - background); size = coverage
 area turned into a radius; centroid = coverage-weighted mean; shape type = the 3rd
 and 4th angular harmonics of the radial profile r(theta) around the centroid (a
-triangle has a strong 3rd, a square a strong 4th, a circle neither; rotation-free).
+triangle has a strong 3rd, a square a strong 4th, a circle neither; rotation-free),
+confirmed by a template fit: the coverage is compared (soft IoU) with each shape
+rendered at the same centroid and area over the world's rotations. A shape is read
+only when the harmonics and the best template agree, the fit is close and clearly
+better than the runner-up; otherwise it is `unclear` (specks, blobs, domes, in-between
+shapes), which fails both "target reached" and "others kept".
 
 `judge_images` reads a batch; `judge_check` measures the judge's own accuracy on
 fresh clean renders; `score_target` says whether an edit reached a target value,
@@ -28,13 +33,16 @@ from stages.world import (
     BACKGROUNDS,
     COLORS,
     SHAPES,
+    Scene,
     WorldConfig,
     attribute_values,
+    coverage,
     render_many,
     scenes,
 )
 
 UNKNOWN = "unknown"  # what the judge reads when the pixels match no known value
+UNCLEAR = "unclear"  # a shape that is none of the three clearly (never forced into one)
 UNSCORABLE = "unscorable"  # a target the judge cannot score (value it does not know)
 
 N_ANGLES = 48
@@ -51,6 +59,12 @@ MIN_ALPHA = 0.1  # coverage below this is treated as background noise
 # held-out reconstructions 0.79 -> 0.91; clean renders stay at 1.0).
 H3_TRIANGLE = 0.035
 H4_SQUARE = 0.022
+# Template fit (see `fit_templates`): the shape is read only when the best template's soft
+# IoU is at least FIT_MIN and beats the runner-up by FIT_MARGIN; calibrated by
+# `bench/judge_calibration.py` on clean renders (all pass) and on generated images.
+FIT_MIN = 0.80
+FIT_MARGIN = 0.04
+FIT_ROTATIONS = np.arange(-20.0, 20.1, 5.0)  # degrees; the world jitters +-15
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,7 @@ class Reading:
     h3: float
     h4: float
     mask: np.ndarray  # [H, W] float32 coverage
+    fit: dict[str, float] = dataclasses.field(default_factory=dict)  # soft IoU per template
 
     def attributes(self) -> dict[str, str]:
         return {a: getattr(self, a) for a in ATTRIBUTES}
@@ -125,11 +140,44 @@ def radial_harmonics(alpha: np.ndarray, cx: float, cy: float) -> tuple[float, fl
 
 
 def classify_shape(h3: float, h4: float) -> str:
+    """The shape the radial harmonics point to (forced: one of the three)."""
     if h3 >= H3_TRIANGLE and h3 >= h4:
         return "triangle"
     if h4 >= H4_SQUARE:
         return "square"
     return "circle"
+
+
+def soft_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = float(np.maximum(a, b).sum())
+    return float(np.minimum(a, b).sum()) / union if union > 0 else 0.0
+
+
+def fit_templates(
+    alpha: np.ndarray, cx: float, cy: float, area: float, world: WorldConfig
+) -> dict[str, float]:
+    """Best soft IoU of the coverage `alpha` with each shape drawn at centroid (cx, cy)
+    with the same area, over FIT_ROTATIONS (2x supersampled templates)."""
+    grid = dataclasses.replace(world, supersample=2)
+    out = {}
+    for shape in SHAPES:
+        r = math.sqrt(area / AREA_PER_R2[shape])
+        rotations = (0.0,) if shape == "circle" else FIT_ROTATIONS
+        best = 0.0
+        for rot in rotations:
+            sc = Scene(shape, "red", "white", "small", cx, cy, r / world.radius_small, float(rot))
+            best = max(best, soft_iou(alpha, coverage(sc, grid)))
+        out[shape] = best
+    return out
+
+
+def decide_shape(h3: float, h4: float, fit: dict[str, float]) -> str:
+    """The harmonics' shape when the template fit confirms it clearly, else UNCLEAR."""
+    ranked = sorted(fit, key=fit.get, reverse=True)
+    best, second = fit[ranked[0]], fit[ranked[1]]
+    if ranked[0] != classify_shape(h3, h4) or best < FIT_MIN or best - second < FIT_MARGIN:
+        return UNCLEAR
+    return ranked[0]
 
 
 def read_image(img: np.ndarray, world: WorldConfig) -> Reading:
@@ -180,10 +228,11 @@ def read_image(img: np.ndarray, world: WorldConfig) -> Reading:
     cy = float((alpha.sum(axis=1) * (np.arange(h) + 0.5)).sum() / area)
     cx = float((alpha.sum(axis=0) * (np.arange(w) + 0.5)).sum() / area)
     h3, h4 = radial_harmonics(alpha, cx, cy)
-    shape = classify_shape(h3, h4)
-    r = math.sqrt(area / AREA_PER_R2[shape])
+    fit = fit_templates(alpha, cx, cy, area, world)
+    shape = decide_shape(h3, h4, fit)
+    r = math.sqrt(area / AREA_PER_R2[classify_shape(h3, h4) if shape == UNCLEAR else shape])
     size = "large" if r >= math.sqrt(world.radius_small * world.radius_large) else "small"
-    return Reading(shape, color, background, size, cx, cy, area, r, h3, h4, alpha)
+    return Reading(shape, color, background, size, cx, cy, area, r, h3, h4, alpha, fit)
 
 
 def judge_images(images: np.ndarray, world: WorldConfig) -> list[Reading]:
@@ -233,6 +282,7 @@ __all__ = [
     "JudgeCheckConfig",
     "Reading",
     "SHAPES",
+    "UNCLEAR",
     "UNKNOWN",
     "UNSCORABLE",
     "judge_check",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -78,6 +79,124 @@ def train_cmd(params_path: str, sets: tuple[str, ...], only: str, out_dir: str |
     }
     click.echo(json.dumps(summary, indent=1))
     click.echo(f"world train: weights and metrics.json in {cfg.out_dir}")
+
+
+def chunk_options(section: str) -> Callable:
+    """--params/--set, --minutes and --out of a chunked training command."""
+
+    def wrap(f: Callable) -> Callable:
+        f = click.option("--out", "out_dir", default=None, help=f"Run folder ({section}.out_dir).")(
+            f
+        )
+        f = click.option(
+            "--minutes",
+            type=float,
+            default=None,
+            help=f"Time box of this chunk ({section}.chunk_minutes; 0 = until "
+            f"{section}.iterations).",
+        )(f)
+        return params_options(f)
+
+    return wrap
+
+
+def _train_chunk(
+    section: str,
+    cls: type,
+    train_chunk: Callable[..., dict],
+    params_path: str,
+    sets: tuple[str, ...],
+    minutes: float | None,
+    out_dir: str | None,
+) -> None:
+    """One time-boxed chunk of a resumable world training run (`section` of params)."""
+    from model.checkpoint import CheckpointError
+    from stages.world import WorldConfig
+
+    name = "world train-" + section.split("_")[1]
+    params = load(
+        params_path, sets, {f"{section}.chunk_minutes": minutes, f"{section}.out_dir": out_dir}
+    )
+    world_cfg = config(params, "world", WorldConfig)
+    cfg = config(params, section, cls)
+    try:
+        summary = train_chunk(cfg, world_cfg, log=click.echo)
+    except (CheckpointError, ValueError, OSError) as exc:
+        raise click.ClickException(f"{name}: {exc}") from None
+    if not summary["done"]:
+        left = cfg.iterations - summary["step"]
+        click.echo(f"{name}: {left} iterations left; rerun to continue")
+
+
+@world.command("train-gan")
+@chunk_options("world_gan")
+def train_gan_cmd(
+    params_path: str, sets: tuple[str, ...], minutes: float | None, out_dir: str | None
+) -> None:
+    """Train the world generator the StyleGAN2 way (mapping network, style mixing,
+    non-saturating loss, lazy R1, EMA) for one time-boxed chunk; rerun to continue
+    from the run folder's state (bitwise the same as one long run)."""
+    from stages.world_gan import GanConfig, train_chunk
+
+    _train_chunk("world_gan", GanConfig, train_chunk, params_path, sets, minutes, out_dir)
+
+
+@world.command("train-e4e")
+@chunk_options("world_e4e")
+def train_e4e_cmd(
+    params_path: str, sets: tuple[str, ...], minutes: float | None, out_dir: str | None
+) -> None:
+    """Train the world encoder the e4e way into the (frozen) GAN generator: latent loss
+    on generated samples with known W+, image loss on samples and world renders; one
+    time-boxed chunk, rerun to continue."""
+    from stages.world_e4e import EncoderTrainConfig, train_chunk
+
+    _train_chunk("world_e4e", EncoderTrainConfig, train_chunk, params_path, sets, minutes, out_dir)
+
+
+@world.command("sspace")
+@params_options
+@click.option("--n-rows", type=int, default=256, show_default=True, help="Held-out rows.")
+@click.option(
+    "--out",
+    "out_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Also write the report to this JSON file.",
+)
+def sspace_cmd(params_path: str, sets: tuple[str, ...], n_rows: int, out_path: str | None) -> None:
+    """Test the generator's S space before any mapper: the oracle conv-only S delta
+    (encoder of the counterfactual minus encoder of the source) per edit family, per
+    level, and how many channels carry each attribute."""
+    from model.checkpoint import CheckpointError
+    from model.e4e import load_e4e
+    from model.stylegan2 import load_generator
+    from stages.common import E4ERef, GeneratorRef
+    from stages.world import WorldConfig
+    from stages.world_sspace import s_space_report
+
+    params = load(params_path, sets)
+    world_cfg = config(params, "world", WorldConfig)
+    gref = config(params, "generator", GeneratorRef)
+    eref = config(params, "e4e", E4ERef)
+    try:
+        G = load_generator(gref.path)
+        E = load_e4e(eref.path)
+    except (CheckpointError, OSError, TypeError) as exc:
+        raise click.ClickException(f"world sspace: {exc}") from None
+    report = s_space_report(G, E, world_cfg, n_rows=n_rows)
+    text = json.dumps(report, indent=1)
+    for fam, r in report["families"].items():
+        o = r["oracle_conv"]
+        click.echo(
+            f"{fam:22s} oracle conv: target {o['target_reached']:.2f}, others kept "
+            f"{o['all_others_kept']:.2f}, {o['psnr_vs_counterfactual']:.1f} dB; "
+            f"channels for 80% {r['channels_for_energy']['80%']}"
+        )
+    click.echo(f"judge on reconstructions: {report['judge_on_reconstructions']}")
+    if out_path:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(text)
 
 
 @world.command("judge-check")
