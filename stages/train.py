@@ -269,6 +269,7 @@ def _matches(expected: str, actual: str | None) -> bool:
 def open_dataset(cfg: TrainConfig) -> Dataset:
     """Open every store's clip.zarr + s.zarr, check they agree, split rows (seeded)."""
     from store import RowStore, SamplerSource, StoreError, store_url
+    from store.inspect import count_non_finite
 
     sources, held_out = [], []
     layout = clip_dim = clip_fp = gen_fp = None
@@ -325,6 +326,14 @@ def open_dataset(cfg: TrainConfig) -> Dataset:
                 )
             gen_fp = gen_fp or g_fp
         ok = np.intersect1d(s_store.ok_rows(), c_store.ok_rows())
+        for st, name in ((s_store, "s"), (c_store, "embed")):
+            n_bad = count_non_finite(st, [name], ok)
+            if n_bad:
+                raise TrainError(
+                    f"{st.url}: {n_bad} ok rows hold NaN or Inf (a model gave non-finite "
+                    f"output); rerun `deltaedit {st.attrs.get('stage', 'encode')} --overwrite` "
+                    "on it (rows like these become 'failed: non-finite output')"
+                )
         rng = np.random.default_rng([cfg.seed, k])
         n_hold = int(round(cfg.holdout_fraction * ok.size))
         if ok.size >= 2:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from model.checkpoint import CheckpointError
-from pipeline.common import config, load, params_options
+from pipeline.common import config, load, os_error_line, params_options
 from stages.common import ExecutionConfig
 from stages.config import ConfigError
 
@@ -48,6 +48,8 @@ def train(
     except (TrainError, StoreError, CheckpointError, ConfigError) as exc:
         line = str(exc).splitlines()[0] if str(exc) else repr(exc)
         raise click.ClickException(line) from None
+    except OSError as exc:  # train.out where nothing can be written
+        raise click.ClickException(os_error_line(exc)) from None
 
 
 COMMANDS.append(train)
