@@ -107,7 +107,8 @@ def non_finite_rows(arrays: Sequence[np.ndarray]) -> np.ndarray:
     """[n] bool: rows holding a NaN or Inf in any of `arrays` (each [n, ...])."""
     bad = np.zeros(len(arrays[0]) if len(arrays) else 0, dtype=bool)
     for a in arrays:
-        bad |= ~np.isfinite(np.asarray(a).reshape(len(a), -1)).all(axis=1)
+        a = np.asarray(a)
+        bad |= ~np.isfinite(a).all(axis=tuple(range(1, a.ndim)))
     return bad
 
 

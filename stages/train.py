@@ -582,10 +582,16 @@ def run(
     """Train (or resume training) the mapper on the stores in `cfg`.
 
     on_step(step, loss) is called after every step (tests use it to interrupt a run).
+    Holds the write lease of `cfg.out` (store.lease): a second train on the same mapper
+    refuses instead of overwriting its checkpoints.
     """
+    from stages.execution import hold_outputs
+
     threads_before = torch.get_num_threads()
+    execution = execution or ExecutionConfig()
     try:
-        return _run(cfg, execution, resume=resume, progress=progress, log=log, on_step=on_step)
+        with hold_outputs([cfg.out], "train", execution, log):
+            return _run(cfg, execution, resume=resume, progress=progress, log=log, on_step=on_step)
     finally:
         torch.set_num_threads(threads_before)
 

@@ -415,3 +415,31 @@ def test_params_file_errors_are_one_line(images, tmp_path: Path, text, expected)
     assert expected.format(path=params) in line
     assert "execution.execution" not in line
     assert tree(ds) == before
+
+
+def test_a_second_train_on_one_mapper_refuses(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from train_data import write_pair_store
+
+    from pipeline.cli import main
+    from store import hold_lease
+
+    write_pair_store(str(tmp_path / "ds"), 16, rows_per_shard=8)
+    mapper = tmp_path / "mapper.safetensors"
+    args = [
+        "train",
+        *QUIET,
+        "--iterations",
+        "2",
+        "--set",
+        f"train.stores=['{tmp_path / 'ds'}']",
+        "--set",
+        f"train.out={mapper}",
+        "--set",
+        f"train.metrics_dir={tmp_path / 'm'}",
+    ]
+    with hold_lease(str(mapper), "train"):
+        res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and "mapper.safetensors: in use by train by" in res.output
+    assert not mapper.exists()
+    assert CliRunner().invoke(main, args).exit_code == 0 and mapper.exists()
