@@ -262,6 +262,11 @@ def _generator_fingerprint(attrs: dict) -> str | None:
     return fp if isinstance(fp, str) else None
 
 
+def _remake(attrs: dict) -> str:
+    stage = attrs.get("stage")
+    return f"`deltaedit {stage}`" if isinstance(stage, str) else "the stage that wrote it"
+
+
 def _matches(expected: str, actual: str | None) -> bool:
     return actual is not None and len(expected) >= 8 and actual.startswith(expected)
 
@@ -331,8 +336,8 @@ def open_dataset(cfg: TrainConfig) -> Dataset:
             if n_bad:
                 raise TrainError(
                     f"{st.url}: {n_bad} ok rows hold NaN or Inf (a model gave non-finite "
-                    f"output); rerun `deltaedit {st.attrs.get('stage', 'encode')} --overwrite` "
-                    "on it (rows like these become 'failed: non-finite output')"
+                    f"output); rerun {_remake(st.attrs)} with --overwrite (this version marks "
+                    "such rows 'failed: non-finite output')"
                 )
         rng = np.random.default_rng([cfg.seed, k])
         n_hold = int(round(cfg.holdout_fraction * ok.size))
