@@ -131,6 +131,8 @@ class _Evil:
 
 
 def main(work: Path) -> int:
+    from test_reliability import edit_args, write_nan_store
+
     from store import RowStore, Status, read_lease
     from store.lease import lease_url
 
@@ -252,29 +254,19 @@ def main(work: Path) -> int:
         True,
         "generator",
     )
-    edit = [
-        "edit",
-        *BASE,
-        "--target",
-        "a red shape",
-        "--name",
-        "red",
-        "--beta",
-        "0",
-        "--set",
-        f"edit.mapper={mapper}",
-        "--set",
-        f"edit.out_dir={work / 'edits'}",
-    ]
+
+    def edit(store: Path, *more: str) -> list[str]:
+        return [*edit_args(store, mapper, work / "edits"), *more]
+
     r.case(
         "edit with a CLIP other than the mapper's",
-        cli(*edit, "--set", f"edit.store={smp}", "--set", "clip.seed=1"),
+        cli(*edit(smp, "--set", "clip.seed=1")),
         True,
         "CLIP",
     )
     r.case(
         "edit a store encoded with another generator (was accepted)",
-        cli(*edit, "--set", f"edit.store={smp1}"),
+        cli(*edit(smp1)),
         True,
         "encoded with generator",
         not (work / "edits").exists(),
@@ -318,22 +310,10 @@ def main(work: Path) -> int:
     r.case("encode-s with a NaN model", res, False, "NON_FINITE", verified(nds))
     res = cli("sample", "--n", "8", "--out", str(work / "nsmp"), *BASE, nan=True)
     r.case("sample with a NaN generator", res, False, "NON_FINITE", verified(work / "nsmp"))
-    res = cli(*edit, "--set", f"edit.store={smp}", nan=True)
+    res = cli(*edit(smp), nan=True)
     r.case("edit with a NaN mapper", res, False, "failed: non-finite output")
-    from train_data import write_pair_store
-
-    from store import ArraySpec
-
     bad = work / "nanstore"
-    write_pair_store(str(bad), 16, rows_per_shard=8)
-    s = RowStore.open(str(bad / "s.zarr"))
-    values = s.read("s")
-    values[[1, 5]] = np.nan
-    fresh = RowStore.create(
-        s.url, 16, 8, {"s": ArraySpec((values.shape[1],), "float32")}, s.attrs, mode="overwrite"
-    )
-    for b in range(2):
-        fresh.write_block(b, {"s": values[fresh.block_rows(b)]}, np.full(8, 1, np.uint8))
+    write_nan_store(bad, 16, [1, 5])
     res = cli(*train, "--set", f"train.stores=['{bad}']")
     r.case("train on a store with NaN ok rows", res, True, "2 ok rows hold NaN or Inf")
 

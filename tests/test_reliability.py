@@ -295,21 +295,29 @@ def test_edit_marks_rows_the_mapper_gives_nan_for(trained, tmp_path: Path) -> No
     assert verified(tmp_path / "edits")
 
 
+def write_nan_store(root: Path, n: int, nan_rows: list[int], data_seed: int = 0) -> None:
+    """clip.zarr + s.zarr under root (blocks of 8 rows, all ok) whose s holds NaN in
+    `nan_rows`, as an older deltaedit stored a NaN model output."""
+    from train_data import write_pair_store
+
+    write_pair_store(str(root), n, rows_per_shard=8, data_seed=data_seed)
+    s = RowStore.open(store_url(str(root), "s"))
+    values = s.read("s")
+    values[nan_rows] = np.nan
+    fresh = RowStore.create(
+        s.url, n, 8, {"s": ArraySpec((values.shape[1],), "float32")}, s.attrs, mode="overwrite"
+    )
+    for b in range(fresh.n_blocks):
+        sl = fresh.block_rows(b)
+        fresh.write_block(b, {"s": values[sl]}, np.full(sl.stop - sl.start, Status.OK, np.uint8))
+
+
 def test_train_refuses_a_store_with_non_finite_ok_rows(tmp_path: Path) -> None:
     from train_data import write_pair_store
 
     write_pair_store(str(tmp_path / "ds"), 32, rows_per_shard=8)
     poisoned = tmp_path / "bad"
-    write_pair_store(str(poisoned), 32, rows_per_shard=8, data_seed=1)
-    s = RowStore.open(store_url(str(poisoned), "s"))
-    values = s.read("s")
-    values[[3, 9, 17]] = np.nan  # as an older deltaedit stored a NaN model output
-    fresh = RowStore.create(
-        s.url, 32, 8, {"s": ArraySpec((values.shape[1],), "float32")}, s.attrs, mode="overwrite"
-    )
-    for b in range(fresh.n_blocks):
-        sl = fresh.block_rows(b)
-        fresh.write_block(b, {"s": values[sl]}, np.full(8, Status.OK, np.uint8))
+    write_nan_store(poisoned, 32, [3, 9, 17], data_seed=1)
     mapper = tmp_path / "mapper.safetensors"
     res = cli(
         "train",
