@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -106,10 +107,17 @@ def torch_load_safe(path: str | Path) -> Any:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # "Detected pickle protocol 4": the refusal says it all
+            warnings.filterwarnings(
+                "ignore", message="Detected pickle protocol", category=UserWarning
+            )
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+        why = next((x for x in lines if x.startswith("Unsupported")), None)
         raise CheckpointError(
-            f"{path}: cannot be loaded as a weights-only torch checkpoint ({exc})"
+            f"{path}: cannot be loaded as a weights-only torch checkpoint (refused, nothing in "
+            f"it was run: {why or (lines[0] if lines else type(exc).__name__)})"
         ) from None
 
 

@@ -424,6 +424,10 @@ def load_clip(
     - ``load_clip("x.safetensors")`` or ``load_clip(name, "x.safetensors")`` where x was written
       by :func:`save_clip`: the name and config come from ``x.json``.
     """
+    if weights is not None and not Path(weights).is_file():
+        raise CheckpointError(f"{weights}: CLIP weights file not found (clip.weights {name!r})")
+    if str(name).endswith(".safetensors") and not Path(name).is_file():
+        raise CheckpointError(f"{name}: CLIP checkpoint not found (clip.name)")
     for candidate in (name, weights):
         if candidate is not None and _is_own_format(Path(candidate)):
             return _load_own(Path(candidate), device)

@@ -21,21 +21,66 @@ from stages.config import ConfigError
 T = TypeVar("T")
 
 
+# Every top-level section a command reads (a misspelt one would otherwise be ignored).
+SECTIONS = (
+    "execution",
+    "generator",
+    "clip",
+    "e4e",
+    "world",
+    "world_train",
+    "world_judge",
+    "world_evaluate",
+    "ingest",
+    "import_official",
+    "encode_clip",
+    "encode_s",
+    "sample",
+    "relevance",
+    "train",
+    "edit",
+    "render",
+    "evaluate",
+)
+
+
 class ParamError(ValueError):
     """A bad params file or value; the message names the key."""
 
 
 def load_params(path: str | Path) -> dict[str, Any]:
+    """The params file as a mapping ({} when it does not exist); one-line ParamError else."""
     p = Path(path)
     if not p.exists():
         return {}
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ParamError(f"{p}: not valid YAML ({exc})") from exc
+        raise ParamError(_yaml_error_line(p, exc)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParamError(f"{p}: cannot read it ({exc})") from None
     if not isinstance(data, dict):
         raise ParamError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def check_sections(params: dict[str, Any], where: str) -> None:
+    """Refuse top-level sections no command reads, naming the known ones."""
+    unknown = [k for k in params if k not in SECTIONS]
+    if unknown:
+        raise ParamError(
+            f"{where}: unknown params section {str(unknown[0])!r}; known sections: "
+            + ", ".join(SECTIONS)
+        )
+
+
+def _yaml_error_line(path: Path, exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    what = f"{context}, {problem}" if context else problem
+    return f"{where}: not valid YAML ({what})"
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -43,7 +88,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ParamError(f"override {text!r}: expected KEY=VALUE, e.g. train.iterations=100")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ParamError(f"override {text!r}: the value is not valid YAML ({problem})") from None
 
 
 def apply_overrides(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -68,7 +117,8 @@ def section(params: dict[str, Any], name: str, cls: type[T]) -> T:
     try:
         return _build(cls, raw, name)
     except ConfigError as exc:
-        key = exc.key if exc.key.startswith(name + ".") else f"{name}.{exc.key}"
+        own = exc.key == name or exc.key.startswith(name + ".")
+        key = exc.key if own else f"{name}.{exc.key}"
         raise ParamError(f"{key}: got {exc.value!r}, expected {exc.expected}") from None
 
 

@@ -16,11 +16,16 @@ class ExecutionConfig:
     scheduler_address: str | None = None  # a dask.distributed scheduler; None = local
     workers: int = 1  # local scheduler threads/processes for encoder passes
     batch_size: int = 64
+    # one writer per store (store.lease): a lease with no heartbeat for this long is stale
+    lease_timeout: float = 10.0  # minutes
+    break_lease: bool = False  # take over a live lease (`--break-lease`; for one run, not params)
 
     def validate(self) -> None:
         check_device(self.device)
         require(self.workers >= 1, "workers", self.workers, "an integer >= 1")
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        ok = self.lease_timeout > 0
+        require(ok, "lease_timeout", self.lease_timeout, "minutes > 0")
 
 
 def check_device(device: str, key: str = "device") -> None:

@@ -506,8 +506,25 @@ def edit_fingerprint(attrs: dict) -> str:
     return hashlib.sha256(json.dumps(attrs, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def check_mapper(mapper: Any, mapper_cfg: dict, layout: SLayout, clip: Any, c_attrs: dict) -> None:
-    """A mapper trained for another S layout or CLIP model is an error before any work."""
+def check_mapper(
+    mapper: Any,
+    mapper_cfg: dict,
+    layout: SLayout,
+    clip: Any,
+    c_attrs: dict,
+    s_attrs: dict | None = None,
+) -> None:
+    """A mapper trained for another S layout, generator or CLIP model is an error before any
+    work (`s_attrs`: the provenance of the s.zarr edited)."""
+    trained = mapper_cfg.get("generator_fingerprint")
+    encoded = (s_attrs or {}).get("generator")
+    if isinstance(trained, str) and trained and isinstance(encoded, str) and encoded:
+        if trained != encoded:
+            raise EditError(
+                f"mapper was trained on latents of generator {trained[:12]}, the store's s.zarr "
+                f"was encoded with generator {encoded[:12]}; edit a store of the generator the "
+                "mapper was trained on, or retrain with `deltaedit train` on this store"
+            )
     m_layout = getattr(mapper, "layout", None)
     if m_layout is not None and m_layout.to_dict() != layout.to_dict():
         raise EditError(
@@ -557,11 +574,32 @@ def run(
     log: Callable[[str], None] = print,
 ) -> list[EditResult]:
     """Run every edit in `cfg` over the selected ok rows of `cfg.store`."""
-    from tqdm import tqdm
-
-    from store import ArraySpec, FingerprintMismatch, RowStore, Status
+    from stages.execution import hold_outputs
 
     execution = execution or ExecutionConfig()
+    urls = [edit_url(cfg, e) for e in cfg.resolved()]
+    with hold_outputs(urls, "edit", execution, log):
+        return _edit(cfg, execution, clip_ref, clip, progress, log)
+
+
+def edit_url(cfg: EditConfig, edit: ResolvedEdit) -> str:
+    """Where an edit is written: `<edit.out_dir>/<name>.zarr`."""
+    return f"{cfg.out_dir.rstrip('/')}/{edit.name}.zarr"
+
+
+def _edit(
+    cfg: EditConfig,
+    execution: ExecutionConfig,
+    clip_ref: ClipRef | None,
+    clip: Any | None,
+    progress: bool,
+    log: Callable[[str], None],
+) -> list[EditResult]:
+    from tqdm import tqdm
+
+    from stages.execution import mark_non_finite
+    from store import ArraySpec, FingerprintMismatch, RowStore, Status
+
     edits = cfg.resolved()
     if not edits:
         raise EditError("no edits: list them under edit.edits in params or pass --target")
@@ -583,7 +621,7 @@ def run(
     mapper, mapper_cfg = None, {}
     if cfg.method == "mapper":
         mapper, mapper_cfg = _load_mapper(cfg.mapper, layout, clip.embed_dim)
-        check_mapper(mapper, mapper_cfg, layout, clip, c_store.attrs)
+        check_mapper(mapper, mapper_cfg, layout, clip, c_store.attrs, s_store.attrs)
         mapper = mapper.to(device).eval()
     # the channels the edit moves: the mapper's (conv, or all with train.channels all)
     work = getattr(mapper, "s_layout", layout) if mapper is not None else layout
@@ -612,7 +650,7 @@ def run(
         t0 = time.perf_counter()
         attrs = _provenance(cfg, edit, neutral, targets, s_store, c_store, clip, mapper, relevance)
         attrs["fingerprint"] = edit_fingerprint(attrs)
-        url = f"{cfg.out_dir.rstrip('/')}/{edit.name}.zarr"
+        url = edit_url(cfg, edit)
         spec = {"s": ArraySpec((layout.dim,), "float32")}
         try:
             out = RowStore.create(
@@ -658,6 +696,7 @@ def run(
                         device,
                     )
                     status[idx] = int(Status.OK)
+                    mark_non_finite(status, [s_new])  # a mapper's NaN is a row status
                 if writing is not None:
                     writing.result()
                 writing = pool.submit(out.write_block, b, {"s": s_new}, status)
@@ -669,9 +708,12 @@ def run(
         dt = time.perf_counter() - t0
         total = out.status()
         n_edit_all = int((total == int(Status.OK)).sum())
+        n_bad = int((total == int(Status.NON_FINITE)).sum())
+        failed = f", {n_bad} failed: non-finite output" if n_bad else ""
         log(
-            f"edit {edit.name}: {n_edit_all} rows edited, {s_store.n_rows - n_edit_all} skipped "
-            f"(not selected or not ok upstream), {n_edit / max(dt, 1e-9):.0f} rows/s -> {url}"
+            f"edit {edit.name}: {n_edit_all} rows edited, "
+            f"{s_store.n_rows - n_edit_all - n_bad} skipped (not selected or not ok upstream)"
+            f"{failed}, {n_edit / max(dt, 1e-9):.0f} rows/s -> {url}"
         )
         results.append(EditResult(edit.name, url, n_edit_all, s_store.n_rows - n_edit_all, dt))
     return results

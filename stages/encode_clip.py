@@ -3,7 +3,8 @@
 Per block: the manifest's sources are read and decoded (bounded, see stages.images)
 and preprocessed in a thread pool running ahead of the model, then encoded in
 batches of `execution.batch_size`. Rows not OK in the manifest are SKIPPED; a file
-that no longer decodes is UNREADABLE. Embeddings are stored unnormalized.
+that no longer decodes is UNREADABLE; a row whose model output holds NaN or Inf is
+NON_FINITE (zeros stored). Embeddings are stored unnormalized.
 attrs: fingerprint (the CLIP model's), model, preprocessing, normalized=false,
 manifest (the manifest's fingerprint).
 """
@@ -26,8 +27,11 @@ from stages.config import require
 from stages.execution import (
     BlockReport,
     PassSummary,
+    counts_of,
     create_output,
+    hold_outputs,
     load_clip_ref,
+    non_finite_rows,
     prefetch_map,
     run_blocks,
 )
@@ -92,7 +96,12 @@ def encode_image_block(
             if not batch:
                 return
             out = forward([a for _, a in batch])
+            bad = non_finite_rows(list(out.values()))
             for j, (k, _) in enumerate(batch):
+                if bad[j]:
+                    status[k] = Status.NON_FINITE
+                    lines.append(f"NON_FINITE: {sources[k]} (the model output holds NaN or Inf)")
+                    continue
                 results[k] = {name: v[j] for name, v in out.items()}
                 status[k] = Status.OK
             batch.clear()
@@ -184,11 +193,6 @@ def assemble(
     return out
 
 
-def counts_of(status: np.ndarray) -> dict[str, int]:
-    names, counts = np.unique(status, return_counts=True)
-    return {Status(int(v)).name: int(c) for v, c in zip(names, counts, strict=True)}
-
-
 @dataclass(frozen=True)
 class _ClipTask:
     manifest_url: str
@@ -235,6 +239,20 @@ def run_encode_clip(
 ) -> EncodeResult:
     """Encode every OK manifest row of `cfg.dataset` into `<dataset>/clip.zarr`; resumable
     (see execution.create_output for overwrite / restart_on_change)."""
+    notes: list[str] = []  # takeover notes of the leases come first
+    with hold_outputs([store_url(cfg.dataset, "clip")], "encode-clip", execution, notes.append):
+        return _encode_clip(cfg, clip_ref, execution, overwrite, progress, restart_on_change, notes)
+
+
+def _encode_clip(
+    cfg: EncodeClipConfig,
+    clip_ref: ClipRef,
+    execution: ExecutionConfig,
+    overwrite: bool,
+    progress: bool,
+    restart_on_change: bool,
+    notes: list[str],
+) -> EncodeResult:
     device = resolve_device(execution.device)
     manifest_url = store_url(cfg.dataset, "manifest")
     manifest = RowStore.open(manifest_url, require_complete=True)
@@ -249,7 +267,6 @@ def run_encode_clip(
         "manifest": manifest.fingerprint,
     }
     out_url = store_url(cfg.dataset, "clip")
-    notes: list[str] = []
     out = create_output(
         out_url,
         manifest.n_rows,

@@ -23,6 +23,7 @@ from stages.encode_clip import EncodeResult, assemble, counts_of, encode_image_b
 from stages.execution import (
     BlockReport,
     create_output,
+    hold_outputs,
     load_e4e_ref,
     load_generator_ref,
     run_blocks,
@@ -118,6 +119,23 @@ def run_encode_s(
     restart_on_change: bool = False,
 ) -> EncodeResult:
     """Invert every OK manifest row of `cfg.dataset` into `<dataset>/s.zarr`; resumable."""
+    notes: list[str] = []  # takeover notes of the leases come first
+    with hold_outputs([store_url(cfg.dataset, "s")], "encode-s", execution, notes.append):
+        return _encode_s(
+            cfg, generator, e4e, execution, overwrite, progress, restart_on_change, notes
+        )
+
+
+def _encode_s(
+    cfg: EncodeSConfig,
+    generator: GeneratorRef,
+    e4e: E4ERef,
+    execution: ExecutionConfig,
+    overwrite: bool,
+    progress: bool,
+    restart_on_change: bool,
+    notes: list[str],
+) -> EncodeResult:
     device = resolve_device(execution.device)
     manifest_url = store_url(cfg.dataset, "manifest")
     manifest = RowStore.open(manifest_url, require_complete=True)
@@ -141,7 +159,6 @@ def run_encode_s(
         "manifest": manifest.fingerprint,
     }
     out_url = store_url(cfg.dataset, "s")
-    notes: list[str] = []
     out = create_output(
         out_url,
         manifest.n_rows,

@@ -15,6 +15,7 @@ blocks; `PassSummary.line()` is the summary printed at the end of the pass.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter, deque
@@ -22,9 +23,11 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+import numpy as np
 from tqdm import tqdm
 
 from stages.common import ClipRef, E4ERef, ExecutionConfig, GeneratorRef
+from store import Status
 
 T = TypeVar("T")
 MAX_REASON_LINES = 20  # per-row problem lines kept for the summary
@@ -89,6 +92,35 @@ class PassSummary:
         if self.n_reasons > len(self.reasons):
             lines.append(f"... and {self.n_reasons - len(self.reasons)} more")
         return lines
+
+
+# --- non-finite model outputs ------------------------------------------------------------------
+
+
+def counts_of(status: np.ndarray) -> dict[str, int]:
+    """{status name: rows} of one block's status (what a BlockReport counts)."""
+    names, counts = np.unique(status, return_counts=True)
+    return {Status(int(v)).name: int(c) for v, c in zip(names, counts, strict=True)}
+
+
+def non_finite_rows(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """[n] bool: rows holding a NaN or Inf in any of `arrays` (each [n, ...])."""
+    bad = np.zeros(len(arrays[0]) if len(arrays) else 0, dtype=bool)
+    for a in arrays:
+        a = np.asarray(a)
+        bad |= ~np.isfinite(a).all(axis=tuple(range(1, a.ndim)))
+    return bad
+
+
+def mark_non_finite(status: np.ndarray, arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Rows OK in `status` whose outputs hold NaN or Inf become NON_FINITE and their values
+    zeros (both in place): a model's NaN is a row status, never stored data. Returns them."""
+    idx = np.flatnonzero(non_finite_rows(arrays) & (status == Status.OK))
+    if idx.size:
+        status[idx] = Status.NON_FINITE
+        for a in arrays:
+            a[idx] = 0
+    return idx
 
 
 # --- per-process model cache -----------------------------------------------------------------
@@ -297,3 +329,28 @@ def create_output(
             raise
         notes.append(f"{url}: made from other inputs or models, started over ({exc})")
         return RowStore.create(url, n_rows, rows_per_shard, arrays, attrs, mode="overwrite")
+
+
+@contextlib.contextmanager
+def hold_outputs(
+    urls: Sequence[str],
+    pass_name: str,
+    execution: ExecutionConfig,
+    log: Callable[[str], None],
+) -> Iterator[None]:
+    """Hold the write lease (store.lease) of every output store of a pass while it runs: a
+    second pass on one of them refuses, naming this one; `log` gets takeover notes."""
+    from store import hold_lease
+
+    with contextlib.ExitStack() as stack:
+        for url in urls:
+            stack.enter_context(
+                hold_lease(
+                    url,
+                    pass_name,
+                    break_lease=execution.break_lease,
+                    timeout_minutes=execution.lease_timeout,
+                    log=log,
+                )
+            )
+        yield

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 import fsspec
@@ -33,7 +33,16 @@ from model.checkpoint import sha256_file
 from stages import images
 from stages.common import ExecutionConfig, GeneratorRef
 from stages.config import require
-from stages.execution import BlockReport, PassSummary, create_output, prefetch_map, run_blocks
+from stages.execution import (
+    BlockReport,
+    PassSummary,
+    counts_of,
+    create_output,
+    hold_outputs,
+    mark_non_finite,
+    prefetch_map,
+    run_blocks,
+)
 from store import ArraySpec, RowStore, Status, store_url
 
 SCAN_NAME = ".ingest-scan"
@@ -205,6 +214,19 @@ def run_ingest(
     restart_on_change: bool = False,
 ) -> IngestResult:
     """List `cfg.source`, scan every file, write `<out>/manifest.zarr`; resumable."""
+    notes: list[str] = []  # takeover notes of the leases come first
+    with hold_outputs([store_url(cfg.out, "manifest")], "ingest", execution, notes.append):
+        return _ingest(cfg, execution, overwrite, progress, restart_on_change, notes)
+
+
+def _ingest(
+    cfg: IngestConfig,
+    execution: ExecutionConfig,
+    overwrite: bool,
+    progress: bool,
+    restart_on_change: bool,
+    notes: list[str],
+) -> IngestResult:
     src = Path(cfg.source)
     if not src.exists():
         raise IngestError(f"ingest.source {cfg.source}: no such folder or file")
@@ -227,7 +249,6 @@ def run_ingest(
         "root": root,
         "max_pixels": cfg.max_pixels,
     }
-    notes: list[str] = []
     how = (overwrite, restart_on_change, notes)
     manifest_url = store_url(cfg.out, "manifest")
     scan_url = store_url(cfg.out, SCAN_NAME)
@@ -411,6 +432,9 @@ class _ImportTask:
         if self.keep_wplus:
             data["wplus"] = wplus
         status = np.full(n, Status.OK, dtype=np.uint8)
+        bad = mark_non_finite(status, [*data.values(), c])
+        reasons = tuple(f"NON_FINITE: official:{self.tag}#{rows.start + k}" for k in bad)
+        report = BlockReport(block, n, counts_of(status), reasons, 0.0)
         # a store that already holds this block (another store of the set restarted) keeps it
         if not s_store.done_mask()[block]:
             s_store.write_block(block, data, status)
@@ -418,7 +442,7 @@ class _ImportTask:
             clip_store.write_block(block, {"embed": c}, status)
         ids = range(rows.start, rows.stop)
         if manifest.done_mask()[block]:
-            return BlockReport(block, n, {"OK": n}, (), time.perf_counter() - start)
+            return replace(report, seconds=time.perf_counter() - start)
         manifest.write_block(
             block,
             {
@@ -430,7 +454,7 @@ class _ImportTask:
             },
             status,
         )
-        return BlockReport(block, n, {"OK": n}, (), time.perf_counter() - start)
+        return replace(report, seconds=time.perf_counter() - start)
 
 
 @dataclass
@@ -450,6 +474,27 @@ def run_import_official(
     restart_on_change: bool = False,
 ) -> ImportResult:
     """DeltaEdit's published latents -> `<out>/{manifest,clip,s}.zarr`; resumable."""
+    notes: list[str] = []  # takeover notes of the leases come first
+    with hold_outputs(
+        [store_url(cfg.out, n) for n in ("manifest", "clip", "s")],
+        "import-official",
+        execution,
+        notes.append,
+    ):
+        return _import_official(
+            cfg, generator, execution, overwrite, progress, restart_on_change, notes
+        )
+
+
+def _import_official(
+    cfg: ImportOfficialConfig,
+    generator: GeneratorRef,
+    execution: ExecutionConfig,
+    overwrite: bool,
+    progress: bool,
+    restart_on_change: bool,
+    notes: list[str],
+) -> ImportResult:
     from stages.common import resolve_device
 
     s_arr = _load_npy(cfg.sspace, "sspace", 2)
@@ -501,7 +546,6 @@ def run_import_official(
     files = [p for p in (cfg.sspace, cfg.cspace, cfg.wspace) if p]
     files_fp = file_fingerprint(files)
     tag = Path(cfg.sspace).name
-    notes: list[str] = []
     how = (overwrite, restart_on_change, notes)
     rps = cfg.rows_per_shard
     common = {"stage": "import-official", "files": [Path(p).name for p in files]}

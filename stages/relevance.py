@@ -295,13 +295,27 @@ def run(
     log: Callable[[str], None] = print,
 ) -> Relevance:
     """Compute (or import) relevance.zarr for the dataset at `cfg.store`."""
+    from stages.execution import hold_outputs
+
+    execution = execution or ExecutionConfig()
+    with hold_outputs([cfg.out], "relevance", execution, log):
+        return _relevance(cfg, generator_ref, clip_ref, execution, progress, log)
+
+
+def _relevance(
+    cfg: RelevanceConfig,
+    generator_ref: GeneratorRef | None,
+    clip_ref: ClipRef | None,
+    execution: ExecutionConfig,
+    progress: bool,
+    log: Callable[[str], None],
+) -> Relevance:
     from stages.edit import dataset_urls
     from stages.execution import load_clip_ref, load_generator_ref, run_blocks
     from store import ArraySpec, RowStore
 
     generator_ref = generator_ref or GeneratorRef()
     clip_ref = clip_ref or ClipRef()
-    execution = execution or ExecutionConfig()
     device = resolve_device(execution.device)
     s_store = RowStore.open(dataset_urls(cfg.store)["s"])
     layout = SLayout.from_dict(s_store.attrs["layout"])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -27,9 +27,12 @@ from stages.config import require
 from stages.execution import (
     BlockReport,
     PassSummary,
+    counts_of,
     create_output,
+    hold_outputs,
     load_clip_ref,
     load_generator_ref,
+    mark_non_finite,
     run_blocks,
 )
 from store import ArraySpec, RowStore, Status, store_url
@@ -93,6 +96,9 @@ class _SampleTask:
                 s_out[lo:hi] = s.float().cpu().numpy()
                 c_out[lo:hi] = c.float().cpu().numpy()
         status = np.full(n, Status.OK, dtype=np.uint8)
+        bad = mark_non_finite(status, [s_out, c_out])
+        reasons = tuple(f"NON_FINITE: sample:{self.seed}:{rows.start + k}" for k in bad)
+        report = BlockReport(block, n, counts_of(status), reasons, 0.0)
         # a store that already holds this block (another store of the set restarted) keeps it
         if not s_store.done_mask()[block]:
             s_store.write_block(block, {"s": s_out}, status)
@@ -100,7 +106,7 @@ class _SampleTask:
             clip_store.write_block(block, {"embed": c_out}, status)
         row_ids = range(rows.start, rows.stop)
         if manifest.done_mask()[block]:
-            return BlockReport(block, n, {"OK": n}, (), time.perf_counter() - start)
+            return replace(report, seconds=time.perf_counter() - start)
         manifest.write_block(
             block,
             {
@@ -112,7 +118,7 @@ class _SampleTask:
             },
             status,
         )
-        return BlockReport(block, n, {"OK": n}, (), time.perf_counter() - start)
+        return replace(report, seconds=time.perf_counter() - start)
 
 
 @dataclass
@@ -131,6 +137,28 @@ def run_sample(
     restart_on_change: bool = False,
 ) -> SampleResult:
     """Sample `cfg.n` rows into `<cfg.out>/{manifest,clip,s}.zarr`; resumable."""
+    notes: list[str] = []  # takeover notes of the leases come first
+    with hold_outputs(
+        [store_url(cfg.out, n) for n in ("manifest", "clip", "s")],
+        "sample",
+        execution,
+        notes.append,
+    ):
+        return _sample(
+            cfg, generator, clip_ref, execution, overwrite, progress, restart_on_change, notes
+        )
+
+
+def _sample(
+    cfg: SampleConfig,
+    generator: GeneratorRef,
+    clip_ref: ClipRef,
+    execution: ExecutionConfig,
+    overwrite: bool,
+    progress: bool,
+    restart_on_change: bool,
+    notes: list[str],
+) -> SampleResult:
     from stages.ingest import MANIFEST_ARRAYS
 
     device = resolve_device(execution.device)
@@ -157,7 +185,6 @@ def run_sample(
         json.dumps({"generator": G.fingerprint, **sample_attrs}, sort_keys=True).encode()
     ).hexdigest()
     m_attrs = {"stage": "sample", "fingerprint": m_fp, "root": "", "max_pixels": 0, **sample_attrs}
-    notes: list[str] = []
     how = (overwrite, restart_on_change, notes)
     rps = cfg.rows_per_shard
     urls = tuple(store_url(cfg.out, name) for name in ("manifest", "clip", "s"))

@@ -262,6 +262,11 @@ def _generator_fingerprint(attrs: dict) -> str | None:
     return fp if isinstance(fp, str) else None
 
 
+def _remake(attrs: dict) -> str:
+    stage = attrs.get("stage")
+    return f"`deltaedit {stage}`" if isinstance(stage, str) else "the stage that wrote it"
+
+
 def _matches(expected: str, actual: str | None) -> bool:
     return actual is not None and len(expected) >= 8 and actual.startswith(expected)
 
@@ -269,6 +274,7 @@ def _matches(expected: str, actual: str | None) -> bool:
 def open_dataset(cfg: TrainConfig) -> Dataset:
     """Open every store's clip.zarr + s.zarr, check they agree, split rows (seeded)."""
     from store import RowStore, SamplerSource, StoreError, store_url
+    from store.inspect import count_non_finite
 
     sources, held_out = [], []
     layout = clip_dim = clip_fp = gen_fp = None
@@ -325,6 +331,14 @@ def open_dataset(cfg: TrainConfig) -> Dataset:
                 )
             gen_fp = gen_fp or g_fp
         ok = np.intersect1d(s_store.ok_rows(), c_store.ok_rows())
+        for st, name in ((s_store, "s"), (c_store, "embed")):
+            n_bad = count_non_finite(st, [name], ok)
+            if n_bad:
+                raise TrainError(
+                    f"{st.url}: {n_bad} ok rows hold NaN or Inf (a model gave non-finite "
+                    f"output); rerun {_remake(st.attrs)} with --overwrite (this version marks "
+                    "such rows 'failed: non-finite output')"
+                )
         rng = np.random.default_rng([cfg.seed, k])
         n_hold = int(round(cfg.holdout_fraction * ok.size))
         if ok.size >= 2:
@@ -573,10 +587,16 @@ def run(
     """Train (or resume training) the mapper on the stores in `cfg`.
 
     on_step(step, loss) is called after every step (tests use it to interrupt a run).
+    Holds the write lease of `cfg.out` (store.lease): a second train on the same mapper
+    refuses instead of overwriting its checkpoints.
     """
+    from stages.execution import hold_outputs
+
     threads_before = torch.get_num_threads()
+    execution = execution or ExecutionConfig()
     try:
-        return _run(cfg, execution, resume=resume, progress=progress, log=log, on_step=on_step)
+        with hold_outputs([cfg.out], "train", execution, log):
+            return _run(cfg, execution, resume=resume, progress=progress, log=log, on_step=on_step)
     finally:
         torch.set_num_threads(threads_before)
 

@@ -11,6 +11,7 @@ from store.errors import (
     SchemaTooNew,
     StoreError,
 )
+from store.lease import LeaseHeld, LeaseLost, hold_lease, read_lease
 from store.rowstore import SCHEMA_VERSION, ArraySpec, RowStore, ok_rows, store_url
 from store.sampler import PairSampler, SamplerSource
 from store.status import Status, status_counts, summary_line
@@ -20,6 +21,8 @@ __all__ = [
     "ArraySpec",
     "FingerprintMismatch",
     "IncompletePass",
+    "LeaseHeld",
+    "LeaseLost",
     "MissingArray",
     "NotAStore",
     "PairSampler",
@@ -28,7 +31,9 @@ __all__ = [
     "SchemaTooNew",
     "Status",
     "StoreError",
+    "hold_lease",
     "ok_rows",
+    "read_lease",
     "status_counts",
     "store_url",
     "summary_line",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import fsspec
@@ -162,6 +162,22 @@ def verify_store(rs: RowStore, progress: Callable[[int], None] | None = None) ->
     for name, n_bad in bad_values.items():
         reasons.append(f"array {name!r}: {n_bad} ok rows hold NaN or Inf")
     return reasons
+
+
+def count_non_finite(rs: RowStore, names: Sequence[str], rows: np.ndarray) -> int:
+    """How many of `rows` hold a NaN or Inf in any of the arrays `names` (read block by
+    block: bounded memory on stores of any size)."""
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    bad = 0
+    for b in np.unique(rs.block_of_row(rows)).tolist():
+        sl = rs.block_rows(b)
+        pick = rows[(rows >= sl.start) & (rows < sl.stop)] - sl.start
+        hit = np.zeros(pick.size, dtype=bool)
+        for name in names:
+            block = rs.read(name, sl)[pick]
+            hit |= ~np.isfinite(block.reshape(pick.size, -1)).all(axis=1)
+        bad += int(hit.sum())
+    return bad
 
 
 def verify_dataset(stores: list[RowStore]) -> list[str]:

@@ -15,6 +15,7 @@ _DESCRIPTIONS = {
     5: "duplicate (same content as an earlier row)",
     6: "failed (error while processing)",
     7: "skipped (not ok upstream)",
+    8: "failed: non-finite output (the model gave NaN or Inf)",
 }
 
 
@@ -29,6 +30,7 @@ class Status(IntEnum):
     DUPLICATE = 5
     FAILED = 6
     SKIPPED = 7
+    NON_FINITE = 8
 
     def describe(self) -> str:
         """Human-readable meaning, used in summaries."""

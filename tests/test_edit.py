@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -534,7 +535,7 @@ def cli(*args):
 def cli_base(ds, tmp_path):
     return [
         "--params",
-        str(tmp_path / "none.yaml"),
+        os.devnull,
         "--set",
         f"edit.store={ds['root']}",
         "--set",

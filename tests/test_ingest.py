@@ -156,7 +156,7 @@ def test_ingest_cli_prints_summary_and_problem_lines(tmp_path):
     src, expect = _folder(tmp_path)
     res = CliRunner().invoke(
         main,
-        ["ingest", str(src), "--out", str(tmp_path / "ds"), "-q", "--params", "none.yaml"],
+        ["ingest", str(src), "--out", str(tmp_path / "ds"), "-q", "--params", os.devnull],
     )
     assert res.exit_code == 0, res.output
     assert res.output.splitlines()[0].startswith(f"ingest: {len(expect)} rows")

@@ -95,7 +95,7 @@ def test_truncation_pulls_toward_the_mean_and_changed_params_need_overwrite(tmp_
 
 def test_sample_cli(tmp_path):
     res = CliRunner().invoke(
-        main, ["sample", "--n", "5", "--out", str(tmp_path / "s"), "-q", "--params", "p.yaml"]
+        main, ["sample", "--n", "5", "--out", str(tmp_path / "s"), "-q", "--params", os.devnull]
     )
     assert res.exit_code == 0, res.output
     assert res.output.startswith("sample: 5 rows") and "ok 5" in res.output
@@ -136,7 +136,7 @@ def _kill_after_some_blocks(args: list[str], store: Path, timeout: float = 120.0
 @pytest.mark.slow
 def test_sample_killed_and_rerun_is_bitwise_equal_to_one_run(tmp_path):
     args = ["sample", "--n", "120", "-q", "--set", "sample.rows_per_shard=4"]
-    args += ["--set", "execution.batch_size=4", "--params", "none.yaml"]
+    args += ["--set", "execution.batch_size=4", "--params", os.devnull]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     # the uninterrupted reference runs in this process (same thread settings as the CLI)
     assert CliRunner().invoke(main, [*args, "--out", str(ref)]).exit_code == 0
@@ -175,7 +175,7 @@ def test_encode_clip_killed_and_rerun_is_bitwise_equal(tmp_path):
     cfg = IngestConfig(source=str(src), out=str(tmp_path / "ref"), rows_per_shard=2)
     run_ingest(cfg, ExecutionConfig(), progress=False)
     shutil.copytree(tmp_path / "ref", tmp_path / "killed")
-    common = ["--params", "none.yaml", "-q", "--set", "execution.batch_size=2"]
+    common = ["--params", os.devnull, "-q", "--set", "execution.batch_size=2"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     assert CliRunner().invoke(main, ["encode-clip", "--dataset", str(ref), *common]).exit_code == 0
     done = _kill_after_some_blocks(
@@ -192,7 +192,7 @@ def test_encode_clip_killed_and_rerun_is_bitwise_equal(tmp_path):
 
 def test_restart_on_change_starts_over_only_when_inputs_changed(tmp_path):
     out = str(tmp_path / "smp")
-    args = ["sample", "--n", "4", "--out", out, "-q", "--params", "p.yaml", "--restart-on-change"]
+    args = ["sample", "--n", "4", "--out", out, "-q", "--params", os.devnull, "--restart-on-change"]
     first = CliRunner().invoke(main, args)
     assert first.exit_code == 0, first.output
     same = CliRunner().invoke(main, args)

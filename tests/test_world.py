@@ -1,6 +1,7 @@
 """The shapes world: renderer, captions, counterfactuals, the `world render` CLI, the judge."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -130,7 +131,7 @@ def test_world_render_cli_writes_pngs_and_labels(tmp_path):
         "world",
         "render",
         "--params",
-        str(tmp_path / "none.yaml"),
+        os.devnull,
         "--out",
         str(out),
         "--n-images",
@@ -157,7 +158,7 @@ def test_world_render_cli_writes_pngs_and_labels(tmp_path):
             "world",
             "render",
             "--params",
-            str(tmp_path / "none.yaml"),
+            os.devnull,
             "--out",
             str(out),
             "--set",
@@ -181,7 +182,7 @@ def test_judge_check_cli(tmp_path):
             "world",
             "judge-check",
             "--params",
-            str(tmp_path / "x.yaml"),
+            os.devnull,
             "--set",
             "world_judge.n_images=60",
             "--out",

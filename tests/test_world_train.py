@@ -1,6 +1,7 @@
 """Training the world models: a few steps on tiny data, and the committed weights."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +150,7 @@ def test_multi_positive_targets_count_every_fitting_caption():
     ],
 )
 def test_world_train_cli_rejects_bad_values(tmp_path, sets, message):
-    args = ["world", "train", "--params", str(tmp_path / "x.yaml")]
+    args = ["world", "train", "--params", os.devnull]
     for kv in sets:
         args += ["--set", kv]
     res = CliRunner().invoke(main, args)
@@ -196,7 +197,7 @@ def test_world_train_cli_writes_weights_and_metrics(tmp_path):
         "threads": 1,
         "device": "auto",  # cuda where there is one: the weights come back as cpu tensors
     }
-    args = ["world", "train", "--params", str(tmp_path / "x.yaml"), "--out", str(out)]
+    args = ["world", "train", "--params", os.devnull, "--out", str(out)]
     for k, v in sets.items():
         args += ["--set", f"world_train.{k}={v}"]
     res = CliRunner().invoke(main, args)

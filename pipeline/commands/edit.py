@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from model.checkpoint import CheckpointError
-from pipeline.common import config, load, params_options
+from pipeline.common import config, lease_option, load, os_error_line, params_options
 from stages.common import ClipRef, ExecutionConfig, GeneratorRef
 from stages.config import ConfigError
 
@@ -41,12 +41,14 @@ def _run(func: Callable[[], Any]) -> Any:
             RelevanceError,
             ConfigError,
             CheckpointError,
-            FileNotFoundError,
             ValueError,
         ) as exc:
             _flush(caught)
             line = str(exc).splitlines()[0] if str(exc) else repr(exc)
             raise click.ClickException(line) from None
+        except OSError as exc:  # an output path that cannot be written, a file gone missing
+            _flush(caught)
+            raise click.ClickException(os_error_line(exc)) from None
     _flush(caught)
     return result
 
@@ -90,6 +92,7 @@ def _floats(text: str | None, flag: str) -> list[float] | None:
 @click.option("--fs3", "fs3_path", help="Import a published fs3.npy [relevance.fs3_path].")
 @click.option("--overwrite", is_flag=True, default=None, help="Start over (default: resume).")
 @_quiet
+@lease_option
 @params_options
 def relevance_cmd(
     method, store, out, n_images, fs3_path, overwrite, quiet: bool, params_path: str, sets
@@ -155,6 +158,7 @@ def _slug(text: str) -> str:
 @click.option("--sample", type=int, help="Edit a random sample of this many ok rows.")
 @click.option("--seed", type=int, help="Seed of --sample [edit.select.seed].")
 @_quiet
+@lease_option
 @params_options
 def edit_cmd(
     targets,

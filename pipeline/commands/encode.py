@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from model.checkpoint import CheckpointError
-from pipeline.common import config, load, params_options
+from pipeline.common import config, lease_option, load, os_error_line, params_options
 from stages.common import ClipRef, E4ERef, ExecutionConfig, GeneratorRef
 from stages.encode_clip import EncodeClipConfig, run_encode_clip
 from stages.encode_s import EncodeSConfig, EncodeSError, run_encode_s
@@ -45,8 +45,10 @@ def _run(func: Callable[[], Any]) -> Any:
     """Run a stage; bad input and store problems become one-line CLI errors."""
     try:
         return func()
-    except (StoreError, IngestError, EncodeSError, CheckpointError, FileNotFoundError) as exc:
-        raise click.ClickException(str(exc)) from None
+    except (StoreError, IngestError, EncodeSError, CheckpointError) as exc:
+        raise click.ClickException(str(exc).splitlines()[0] if str(exc) else repr(exc)) from None
+    except OSError as exc:  # an output path that cannot be written, a file gone missing
+        raise click.ClickException(os_error_line(exc)) from None
 
 
 def _echo_summary(summary, details: list[str] | None = None) -> None:
@@ -61,6 +63,7 @@ def _echo_summary(summary, details: list[str] | None = None) -> None:
 @_overwrite
 @_restart
 @_quiet
+@lease_option
 @params_options
 def ingest_cmd(
     source: str | None,
@@ -92,6 +95,7 @@ def ingest_cmd(
 @_overwrite
 @_restart
 @_quiet
+@lease_option
 @params_options
 def import_official_cmd(
     sspace: str | None,
@@ -130,6 +134,7 @@ def import_official_cmd(
 @_overwrite
 @_restart
 @_quiet
+@lease_option
 @params_options
 def encode_clip_cmd(
     dataset: str | None,
@@ -156,6 +161,7 @@ def encode_clip_cmd(
 @_overwrite
 @_restart
 @_quiet
+@lease_option
 @params_options
 def encode_s_cmd(
     dataset: str | None,
@@ -187,6 +193,7 @@ def encode_s_cmd(
 @_overwrite
 @_restart
 @_quiet
+@lease_option
 @params_options
 def sample_cmd(
     n: int | None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from model.checkpoint import CheckpointError
-from pipeline.common import config, load, params_options
+from pipeline.common import config, lease_option, load, os_error_line, params_options
 from stages.common import ExecutionConfig
 from stages.config import ConfigError
 
@@ -17,6 +17,7 @@ COMMANDS: list[click.Command] = []
 
 
 @click.command("train")
+@lease_option
 @params_options
 @click.option("--resume", is_flag=True, help="Continue from the training state beside the mapper.")
 @click.option("--iterations", type=int, default=None, help="Override train.iterations.")
@@ -48,6 +49,8 @@ def train(
     except (TrainError, StoreError, CheckpointError, ConfigError) as exc:
         line = str(exc).splitlines()[0] if str(exc) else repr(exc)
         raise click.ClickException(line) from None
+    except OSError as exc:  # train.out where nothing can be written
+        raise click.ClickException(os_error_line(exc)) from None
 
 
 COMMANDS.append(train)
