@@ -39,14 +39,7 @@ TINY_CLIP = {
 register_config("world-clip-test", TINY_CLIP)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny networks gain nothing from a second thread; on busy shared cores two threads
-    # spin against each other and a few steps take minutes instead of seconds
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _decreases(curve: list[float], k: int = 4) -> bool:
