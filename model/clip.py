@@ -67,7 +67,7 @@ from model.checkpoint import (
     save_checkpoint,
     torch_load_safe,
 )
-from model.lit import TEXT_PACKAGE, TextTower, TextTowerError, load_text_tower
+from model.lit import TextTower, TextTowerError, load_text_tower
 
 Preprocessing = Literal["clip", "deltaedit"]
 PREPROCESSINGS: tuple[str, ...] = ("clip", "deltaedit")
@@ -553,7 +553,9 @@ def _build_lit(name: str, config: dict[str, Any], seed: int, device: str) -> Lit
 
 def _load_lit(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any], device: str):
     config = meta.get("model_cfg") or {}
-    package = config.get("text_tower", {}).get("package", TEXT_PACKAGE)
+    package = config.get("text_tower", {}).get("package")
+    if not package or "vision_cfg" not in config or "embed_dim" not in config:
+        raise CheckpointError(f"{path}: a LiT CLIP json without embed_dim/vision_cfg/text_tower")
     clip = _build_lit(meta["name"], config, 0, device)
     text = clip.text_tower
     if meta.get("text_fingerprint") != text.fingerprint:
