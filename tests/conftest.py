@@ -2,16 +2,16 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
 
-import pytest  # noqa: E402
-
 
 @pytest.fixture
 def one_thread():
-    """Tiny networks gain nothing from a second thread; on busy shared cores two threads
+    """torch on one thread for a test (use with pytestmark = usefixtures("one_thread")):
+    tiny networks gain nothing from a second thread; on busy shared cores two threads
     spin against each other and a few steps take minutes instead of seconds."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)

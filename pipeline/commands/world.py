@@ -11,7 +11,15 @@ import click
 from pipeline.common import config, load, params_options
 
 COMMANDS: list[click.Command] = []
-SUMMARY_KEYS = ("iterations", "seconds", "heldout_psnr", "zero_shot", "judge_on_reconstructions")
+SUMMARY_KEYS = (
+    "iterations",
+    "seconds",
+    "heldout_psnr",
+    "zero_shot",
+    "zero_shot_held_out_synonyms",
+    "zero_shot_held_out_phrasings",
+    "judge_on_reconstructions",
+)
 
 
 @click.group("world")
@@ -74,7 +82,7 @@ def train_cmd(params_path: str, sets: tuple[str, ...], only: str, out_dir: str |
         raise click.ClickException(f"world train: {exc}") from None
     summary = {
         k: {m: v for m, v in metrics[k].items() if m in SUMMARY_KEYS}
-        for k in ("autoencoder", "clip")
+        for k in ("autoencoder", "clip", "clip_lit")
         if k in metrics
     }
     click.echo(json.dumps(summary, indent=1))
