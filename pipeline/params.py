@@ -29,6 +29,8 @@ SECTIONS = (
     "e4e",
     "world",
     "world_train",
+    "world_gan",
+    "world_e4e",
     "world_judge",
     "world_evaluate",
     "ingest",
