@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,15 +23,10 @@ from model.clip import UPSAMPLE
 from stages import images
 from stages.common import ClipRef, ExecutionConfig, resolve_device
 from stages.config import require
-from stages.execution import (
-    BlockReport,
-    PassSummary,
-    create_output,
-    load_clip_ref,
-    prefetch_map,
-    run_blocks,
-)
+from stages.execution import BlockReport, PassSummary, load_clip_ref, prefetch_map, run_blocks
+from stages.incremental import UpdateCounts, update_output
 from store import ArraySpec, RowStore, Status, store_url
+from store.update import as_str
 
 
 @dataclass(frozen=True)
@@ -50,30 +45,29 @@ class EncodeClipConfig:
 class EncodeResult:
     out: str
     summary: PassSummary
+    counts: UpdateCounts | None = None  # rows reused / computed / dropped
 
 
 def encode_image_block(
-    manifest: RowStore,
-    rows: slice,
+    sources: Sequence[str],
+    root: str,
+    max_pixels: int,
     prepare: Callable[[Image.Image], np.ndarray],
     forward: Callable[[list[np.ndarray]], dict[str, np.ndarray]],
     batch_size: int,
     threads: int,
 ) -> tuple[dict[int, dict[str, np.ndarray]], np.ndarray, list[str]]:
-    """Decode the manifest's OK rows of one block and run the model over them in batches.
+    """Decode `sources` (one block of rows to compute) and run the model over them.
 
     prepare(PIL RGB image) -> uint8 array [H, W, 3]: runs in the decode threads and uses
     Pillow/numpy only (torch ops there would fight the model's OpenMP threads for cores);
-    forward(list of those arrays) -> {name: [B, ...]}: runs in the calling thread.
-    Returns ({row offset: {name: row}}, status [n], problem lines).
+    forward(list of those arrays) -> {name: [B, ...]}: runs in the calling thread, always
+    on exactly `batch_size` arrays (the last batch padded with copies of its last row), so
+    a row's result does not depend on how many rows share its batch.
+    Returns ({row offset: {name: row}}, status [n] OK / UNREADABLE, problem lines).
     """
-    n = rows.stop - rows.start
-    upstream = np.asarray(manifest.array("status")[rows], dtype=np.uint8)
-    sources = manifest.read("source", rows)
-    root = manifest.attrs.get("root", "")
-    max_pixels = int(manifest.attrs.get("max_pixels") or images.MAX_FILE_BYTES)
-    status = np.full(n, Status.SKIPPED, dtype=np.uint8)
-    todo = np.flatnonzero(upstream == Status.OK).tolist()
+    n = len(sources)
+    status = np.full(n, Status.UNREADABLE, dtype=np.uint8)
     lines: list[str] = []
     results: dict[int, dict[str, np.ndarray]] = {}
 
@@ -91,15 +85,16 @@ def encode_image_block(
         def flush() -> None:
             if not batch:
                 return
-            out = forward([a for _, a in batch])
+            arrays = [a for _, a in batch]
+            arrays += [arrays[-1]] * (batch_size - len(arrays))
+            out = forward(arrays)
             for j, (k, _) in enumerate(batch):
                 results[k] = {name: v[j] for name, v in out.items()}
                 status[k] = Status.OK
             batch.clear()
 
-        for k, x, why in prefetch_map(load, todo, threads, ahead=2 * batch_size):
+        for k, x, why in prefetch_map(load, range(n), threads, ahead=2 * batch_size):
             if x is None:
-                status[k] = Status.UNREADABLE
                 lines.append(f"UNREADABLE: {sources[k]} ({why})")
                 continue
             batch.append((k, x))
@@ -107,6 +102,75 @@ def encode_image_block(
                 flush()
         flush()
     return results, status, lines
+
+
+@dataclass(frozen=True)
+class ImageRows:
+    """The manifest rows an image encoder reads: where the files are and their keys."""
+
+    root: str
+    max_pixels: int
+    sources: np.ndarray  # [N] str
+    keys: np.ndarray  # [N] str, sha256 of each source's bytes
+    wanted: np.ndarray  # [N] bool, OK in the manifest
+
+    @classmethod
+    def of(cls, manifest: RowStore) -> ImageRows:
+        return cls(
+            str(manifest.attrs.get("root", "")),
+            int(manifest.attrs.get("max_pixels") or images.MAX_FILE_BYTES),
+            as_str(manifest.read("source")),
+            as_str(manifest.read("sha256")),
+            manifest.status() == Status.OK,
+        )
+
+
+# make_task(compute store url, sources of its rows, root, max_pixels) -> the block task
+# writing that store
+MakeTask = Callable[[str, tuple[str, ...], str, int], Callable[[int], BlockReport]]
+
+
+def run_image_pass(
+    dataset: str,
+    name: str,
+    arrays: dict[str, ArraySpec],
+    attrs: dict,
+    make_task: MakeTask,
+    execution: ExecutionConfig,
+    reuse: Sequence[str],
+    overwrite: bool,
+    restart_on_change: bool,
+    progress: bool,
+) -> EncodeResult:
+    """`<dataset>/<name>.zarr` from the manifest's OK rows: rows of earlier stores reused by
+    key, the rest encoded by make_task's blocks (stages.incremental.update_output)."""
+    manifest = RowStore.open(store_url(dataset, "manifest"), require_complete=True)
+    rows = ImageRows.of(manifest)
+    attrs = {**attrs, "manifest": manifest.fingerprint}
+    stage = str(attrs["stage"])
+
+    def compute(c_url: str, todo: np.ndarray) -> PassSummary:
+        task = make_task(c_url, tuple(rows.sources[todo].tolist()), rows.root, rows.max_pixels)
+        c = RowStore.open(c_url)
+        return run_blocks(task, c.pending_blocks(), execution, stage, c.n_blocks, progress)
+
+    out_url = store_url(dataset, name)
+    _, summary, counts = update_output(
+        out_url,
+        manifest.rows_per_shard,
+        arrays,
+        attrs,
+        rows.keys,
+        rows.wanted,
+        compute,
+        execution,
+        stage,
+        reuse,
+        overwrite,
+        restart_on_change,
+        progress,
+    )
+    return EncodeResult(out_url, summary, counts)
 
 
 def clip_pixels(img: Image.Image, preprocessing: str, size: int) -> np.ndarray:
@@ -191,8 +255,10 @@ def counts_of(status: np.ndarray) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class _ClipTask:
-    manifest_url: str
-    out_url: str
+    out_url: str  # the compute store: row i = sources[i]
+    sources: tuple[str, ...]
+    root: str
+    max_pixels: int
     clip: ClipRef
     device: str
     batch_size: int
@@ -201,7 +267,6 @@ class _ClipTask:
     def __call__(self, block: int) -> BlockReport:
         device = resolve_device(self.device)  # on the worker: auto = its own GPU if any
         start = time.perf_counter()
-        manifest = RowStore.open(self.manifest_url)
         out = RowStore.open(self.out_url)
         clip = load_clip_ref(self.clip, device)
         prep = self.clip.preprocessing
@@ -216,7 +281,13 @@ class _ClipTask:
                 return {"embed": clip.model.encode_image(x).float().cpu().numpy()}
 
         results, status, lines = encode_image_block(
-            manifest, rows, prepare, forward, self.batch_size, self.decode_threads
+            self.sources[rows],
+            self.root,
+            self.max_pixels,
+            prepare,
+            forward,
+            self.batch_size,
+            self.decode_threads,
         )
         data = assemble(results, len(status), {"embed": (clip.embed_dim,)})
         out.write_block(block, data, status)
@@ -232,12 +303,13 @@ def run_encode_clip(
     overwrite: bool = False,
     progress: bool = True,
     restart_on_change: bool = False,
+    reuse: Sequence[str] = (),
 ) -> EncodeResult:
-    """Encode every OK manifest row of `cfg.dataset` into `<dataset>/clip.zarr`; resumable
-    (see execution.create_output for overwrite / restart_on_change)."""
+    """Embed every OK manifest row of `cfg.dataset` into `<dataset>/clip.zarr`, reusing the
+    rows of the previous clip.zarr and of `reuse` stores by key; resumable (see
+    stages.incremental.update_output for overwrite / restart_on_change)."""
     device = resolve_device(execution.device)
-    manifest_url = store_url(cfg.dataset, "manifest")
-    manifest = RowStore.open(manifest_url, require_complete=True)
+    RowStore.open(store_url(cfg.dataset, "manifest"), require_complete=True)
     clip = load_clip_ref(clip_ref, device)
     attrs = {
         "stage": "encode-clip",
@@ -246,25 +318,23 @@ def run_encode_clip(
         "weights": clip_ref.weights or "",
         "preprocessing": clip_ref.preprocessing,
         "normalized": False,
-        "manifest": manifest.fingerprint,
     }
-    out_url = store_url(cfg.dataset, "clip")
-    notes: list[str] = []
-    out = create_output(
-        out_url,
-        manifest.n_rows,
-        manifest.rows_per_shard,
-        {"embed": ArraySpec((clip.embed_dim,), "float32")},
+
+    def make_task(*head) -> _ClipTask:  # (compute url, sources, root, max_pixels)
+        return _ClipTask(
+            *head, clip_ref, execution.device, execution.batch_size, cfg.decode_threads
+        )
+
+    arrays = {"embed": ArraySpec((clip.embed_dim,), "float32")}
+    return run_image_pass(
+        cfg.dataset,
+        "clip",
+        arrays,
         attrs,
+        make_task,
+        execution,
+        reuse,
         overwrite,
         restart_on_change,
-        notes,
+        progress,
     )
-    task = _ClipTask(
-        manifest_url, out_url, clip_ref, execution.device, execution.batch_size, cfg.decode_threads
-    )
-    summary = run_blocks(
-        task, out.pending_blocks(), execution, "encode-clip", out.n_blocks, progress
-    )
-    summary.notes.extend(notes)
-    return EncodeResult(out_url, summary)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,14 +20,14 @@ from PIL import Image
 
 from stages.common import E4ERef, ExecutionConfig, GeneratorRef, resolve_device
 from stages.config import require
-from stages.encode_clip import EncodeResult, assemble, counts_of, encode_image_block
-from stages.execution import (
-    BlockReport,
-    create_output,
-    load_e4e_ref,
-    load_generator_ref,
-    run_blocks,
+from stages.encode_clip import (
+    EncodeResult,
+    assemble,
+    counts_of,
+    encode_image_block,
+    run_image_pass,
 )
+from stages.execution import BlockReport, load_e4e_ref, load_generator_ref
 from store import ArraySpec, RowStore, store_url
 
 
@@ -64,8 +65,10 @@ def to_input(img: Image.Image, size: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _STask:
-    manifest_url: str
-    out_url: str
+    out_url: str  # the compute store: row i = sources[i]
+    sources: tuple[str, ...]
+    root: str
+    max_pixels: int
     generator: GeneratorRef
     e4e: E4ERef
     device: str
@@ -76,7 +79,6 @@ class _STask:
     def __call__(self, block: int) -> BlockReport:
         device = resolve_device(self.device)  # on the worker: auto = its own GPU if any
         start = time.perf_counter()
-        manifest = RowStore.open(self.manifest_url)
         out = RowStore.open(self.out_url)
         G = load_generator_ref(self.generator, device)
         enc = load_e4e_ref(self.e4e, device)
@@ -97,7 +99,13 @@ class _STask:
             return out
 
         results, status, lines = encode_image_block(
-            manifest, rows, prepare, forward, self.batch_size, self.decode_threads
+            self.sources[rows],
+            self.root,
+            self.max_pixels,
+            prepare,
+            forward,
+            self.batch_size,
+            self.decode_threads,
         )
         shapes: dict[str, tuple[int, ...]] = {"s": (G.layout.dim,)}
         if self.keep_wplus:
@@ -116,11 +124,12 @@ def run_encode_s(
     overwrite: bool = False,
     progress: bool = True,
     restart_on_change: bool = False,
+    reuse: Sequence[str] = (),
 ) -> EncodeResult:
-    """Invert every OK manifest row of `cfg.dataset` into `<dataset>/s.zarr`; resumable."""
+    """Invert every OK manifest row of `cfg.dataset` into `<dataset>/s.zarr`, reusing the
+    rows of the previous s.zarr and of `reuse` stores by key; resumable."""
     device = resolve_device(execution.device)
-    manifest_url = store_url(cfg.dataset, "manifest")
-    manifest = RowStore.open(manifest_url, require_complete=True)
+    RowStore.open(store_url(cfg.dataset, "manifest"), require_complete=True)
     G = load_generator_ref(generator, device)
     enc = load_e4e_ref(e4e, device)
     if (enc.n_latent, enc.w_dim) != (G.n_latent, G.w_dim):
@@ -138,30 +147,28 @@ def run_encode_s(
         "generator": G.fingerprint,
         "e4e": enc.fingerprint,
         "layout": G.layout.to_dict(),
-        "manifest": manifest.fingerprint,
     }
-    out_url = store_url(cfg.dataset, "s")
-    notes: list[str] = []
-    out = create_output(
-        out_url,
-        manifest.n_rows,
-        manifest.rows_per_shard,
+
+    def make_task(*head) -> _STask:  # (compute url, sources, root, max_pixels)
+        return _STask(
+            *head,
+            generator,
+            e4e,
+            execution.device,
+            execution.batch_size,
+            cfg.decode_threads,
+            cfg.keep_wplus,
+        )
+
+    return run_image_pass(
+        cfg.dataset,
+        "s",
         arrays,
         attrs,
+        make_task,
+        execution,
+        reuse,
         overwrite,
         restart_on_change,
-        notes,
+        progress,
     )
-    task = _STask(
-        manifest_url,
-        out_url,
-        generator,
-        e4e,
-        execution.device,
-        execution.batch_size,
-        cfg.decode_threads,
-        cfg.keep_wplus,
-    )
-    summary = run_blocks(task, out.pending_blocks(), execution, "encode-s", out.n_blocks, progress)
-    summary.notes.extend(notes)
-    return EncodeResult(out_url, summary)

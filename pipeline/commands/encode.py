@@ -35,10 +35,18 @@ _overwrite = click.option(
 _restart = click.option(
     "--restart-on-change",
     is_flag=True,
-    help="Resume when the output was made from the same inputs and models, else start over "
-    "(for dvc repro after a params change; default: stop with an error naming the change).",
+    help="Start over when the output was made with other models or preprocessing (for dvc "
+    "repro after a params change; default: stop with an error naming the change). A changed "
+    "folder never needs it: unchanged rows are reused, new or changed ones computed.",
 )
 _quiet = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+_reuse = click.option(
+    "--reuse",
+    multiple=True,
+    metavar="STORE",
+    help="Also reuse rows (by source bytes) of this store or dataset folder, made with the "
+    "same models and preprocessing (repeatable; refused otherwise).",
+)
 
 
 def _run(func: Callable[[], Any]) -> Any:
@@ -49,8 +57,10 @@ def _run(func: Callable[[], Any]) -> Any:
         raise click.ClickException(str(exc)) from None
 
 
-def _echo_summary(summary, details: list[str] | None = None) -> None:
+def _echo_summary(summary, details: list[str] | None = None, counts=None) -> None:
     click.echo(summary.line())
+    if counts is not None:
+        click.echo(counts.line(summary.name))
     for line in details if details is not None else summary.details():
         click.echo(f"  {line}")
 
@@ -60,6 +70,7 @@ def _echo_summary(summary, details: list[str] | None = None) -> None:
 @click.option("--out", help="Dataset folder for manifest.zarr [params ingest.out].")
 @_overwrite
 @_restart
+@_reuse
 @_quiet
 @params_options
 def ingest_cmd(
@@ -67,6 +78,7 @@ def ingest_cmd(
     out: str | None,
     overwrite: bool,
     restart_on_change: bool,
+    reuse: tuple[str, ...],
     quiet: bool,
     params_path: str,
     sets,
@@ -79,8 +91,10 @@ def ingest_cmd(
     params = load(params_path, sets, {"ingest.source": source, "ingest.out": out})
     cfg = config(params, "ingest", IngestConfig)
     execution = config(params, "execution", ExecutionConfig)
-    result = _run(lambda: run_ingest(cfg, execution, overwrite, not quiet, restart_on_change))
-    _echo_summary(result.summary, result.lines)
+    result = _run(
+        lambda: run_ingest(cfg, execution, overwrite, not quiet, restart_on_change, reuse)
+    )
+    _echo_summary(result.summary, result.lines, result.counts)
     click.echo(f"wrote {result.manifest}")
 
 
@@ -129,12 +143,14 @@ def import_official_cmd(
 @click.option("--dataset", help="Dataset folder holding manifest.zarr [encode_clip.dataset].")
 @_overwrite
 @_restart
+@_reuse
 @_quiet
 @params_options
 def encode_clip_cmd(
     dataset: str | None,
     overwrite: bool,
     restart_on_change: bool,
+    reuse: tuple[str, ...],
     quiet: bool,
     params_path: str,
     sets,
@@ -145,9 +161,11 @@ def encode_clip_cmd(
     clip_ref = config(params, "clip", ClipRef)
     execution = config(params, "execution", ExecutionConfig)
     result = _run(
-        lambda: run_encode_clip(cfg, clip_ref, execution, overwrite, not quiet, restart_on_change)
+        lambda: run_encode_clip(
+            cfg, clip_ref, execution, overwrite, not quiet, restart_on_change, reuse
+        )
     )
-    _echo_summary(result.summary)
+    _echo_summary(result.summary, counts=result.counts)
     click.echo(f"wrote {result.out}")
 
 
@@ -155,12 +173,14 @@ def encode_clip_cmd(
 @click.option("--dataset", help="Dataset folder holding manifest.zarr [encode_s.dataset].")
 @_overwrite
 @_restart
+@_reuse
 @_quiet
 @params_options
 def encode_s_cmd(
     dataset: str | None,
     overwrite: bool,
     restart_on_change: bool,
+    reuse: tuple[str, ...],
     quiet: bool,
     params_path: str,
     sets,
@@ -173,10 +193,10 @@ def encode_s_cmd(
     execution = config(params, "execution", ExecutionConfig)
     result = _run(
         lambda: run_encode_s(
-            cfg, generator, e4e, execution, overwrite, not quiet, restart_on_change
+            cfg, generator, e4e, execution, overwrite, not quiet, restart_on_change, reuse
         )
     )
-    _echo_summary(result.summary)
+    _echo_summary(result.summary, counts=result.counts)
     click.echo(f"wrote {result.out}")
 
 
