@@ -1,14 +1,17 @@
 """Stage `ingest`: a folder of images (or webdataset tar shards) -> `<out>/manifest.zarr`.
 
-Rows are the sorted sources (relative paths, or `shard.tar::member`). The folder is
-listed first, the stores are created at their final shape, then blocks run:
+Rows are the sorted sources (relative paths, or `shard.tar::member`); ids are the
+source without its extension, so they depend on the path only (stable for unchanged
+files). The folder is listed first, then blocks run:
 
-1. scan (parallel, resumable): read each file, sha256 it, decode-verify it with a
-   bounded decoder (header size check before decoding) into a scratch store
-   `<out>/.ingest-scan.zarr`;
-2. manifest (cheap, resumable): duplicates are found over all rows (same sha256 ->
-   DUPLICATE on the later rows, earliest row stays OK), then the manifest blocks are
-   written and the scratch store removed.
+1. scan (parallel, resumable): read each file and sha256 it; bytes an earlier manifest
+   (the previous one of this dataset, or a `--reuse` one) already probed keep that
+   outcome, others are decode-verified with a bounded decoder (header size check before
+   decoding), into a scratch store `<out>/.ingest-scan.zarr`;
+2. manifest (cheap): duplicates are found over all rows (same sha256 -> DUPLICATE on the
+   later rows, earliest row stays OK); unless the rows equal the present manifest's, the
+   new manifest is written to `manifest.zarr.next` and swapped in (store.update), and the
+   scratch store is removed.
 
 Every problem is a row status plus a `reason` string, never a crash or a lost row.
 Source files are not copied: encoders read them again from `attrs.root`.
