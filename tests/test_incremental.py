@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from click.testing import CliRunner
 from PIL import Image
@@ -306,3 +307,57 @@ def test_sigkill_mid_update_then_rerun_ends_in_the_same_state(tmp_path, where):
     run_encode_clip(EncodeClipConfig(dataset=str(fresh)), ClipRef(), EXEC, progress=False)
     assert snapshot(ds / "clip.zarr") == snapshot(fresh / "clip.zarr")
     assert not any(p.name.endswith((".next", ".prev", ".compute")) for p in ds.iterdir())
+
+
+def test_edit_after_rows_were_added_computes_only_the_new_rows(tmp_path, monkeypatch):
+    from model.clip import load_clip
+    from model.mapper import DeltaMapper, save_mapper
+    from model.stylegan2 import create_generator
+    from stages import edit as edit_stage
+    from stages.edit import EditConfig, EditSpec
+
+    src = make_folder(tmp_path)
+    ds = tmp_path / "ds"
+    run_all(src, ds)
+    G, clip = create_generator("tiny-64", seed=0), load_clip("deltaedit-tiny", seed=0)
+    torch.manual_seed(0)
+    save_mapper(
+        DeltaMapper(G.layout, clip.embed_dim),
+        tmp_path / "mapper.safetensors",
+        extra={"clip_fingerprint": clip.fingerprint},
+    )
+    seen: list[int] = []
+    real = edit_stage.edit_rows
+
+    def spy(s, *args, **kwargs):
+        seen.append(len(s))
+        return real(s, *args, **kwargs)
+
+    monkeypatch.setattr(edit_stage, "edit_rows", spy)
+
+    def run_edit(store: Path, out: Path) -> list[str]:
+        lines: list[str] = []
+        cfg = EditConfig(
+            store=str(store),
+            mapper=str(tmp_path / "mapper.safetensors"),
+            out_dir=str(out),
+            dataset_kind="faces",
+            edits=(EditSpec("smile", "smiling face", alpha=1.0, beta=0.0),),
+        )
+        edit_stage.run(cfg, EXEC, clip=clip, progress=False, log=lines.append)
+        return lines
+
+    run_edit(ds, tmp_path / "edits")
+    assert sum(seen) == N
+    change_folder(src)
+    run_all(src, ds)
+    seen.clear()
+    lines = run_edit(ds, tmp_path / "edits")
+    assert sum(seen) == 2, lines  # the new and the changed file only
+    assert f"edit smile: rows reused {N - 2}, computed 2, dropped 2" in lines
+    fresh = tmp_path / "fresh"
+    run_all(src, fresh)
+    run_edit(fresh, tmp_path / "fresh_edits")
+    a = snapshot(tmp_path / "edits" / "smile.zarr")
+    b = snapshot(tmp_path / "fresh_edits" / "smile.zarr")
+    assert a["s"] == b["s"] and a["status"] == b["status"] and a["sha256"] == b["sha256"]
