@@ -361,3 +361,48 @@ def test_edit_after_rows_were_added_computes_only_the_new_rows(tmp_path, monkeyp
     a = snapshot(tmp_path / "edits" / "smile.zarr")
     b = snapshot(tmp_path / "fresh_edits" / "smile.zarr")
     assert a["s"] == b["s"] and a["status"] == b["status"] and a["sha256"] == b["sha256"]
+
+
+def test_train_says_the_mapper_is_stale_and_retrains_only_when_asked(tmp_path):
+    from stages.train import TrainConfig
+    from stages.train import run as train
+
+    src = make_folder(tmp_path)
+    ds = tmp_path / "ds"
+    run_all(src, ds)
+    kw = dict(
+        stores=(str(ds),),
+        out=str(tmp_path / "mapper.safetensors"),
+        metrics_dir=str(tmp_path / "metrics"),
+        iterations=4,
+        batch_size=4,
+        val_every=2,
+        val_pairs=4,
+        checkpoint_every=2,
+        holdout_fraction=0.2,
+    )
+    first = train(TrainConfig(**kw), progress=False, log=lambda _: None)
+    assert first.step == 4 and len(first.losses) == 4
+    mapper = Path(kw["out"]).read_bytes()
+    lines: list[str] = []
+    same = train(TrainConfig(**kw), progress=False, log=lines.append)
+    assert same.losses == [] and "up to date" in lines[-1]
+    change_folder(src)
+    run_all(src, ds)
+    lines.clear()
+    stale = train(TrainConfig(**kw), progress=False, log=lines.append)
+    assert stale.losses == [] and Path(kw["out"]).read_bytes() == mapper
+    assert "stale: 2 rows added, 2 removed since it was trained on 12 rows" in lines[-1]
+    again = train(TrainConfig(**kw, retrain=True), progress=False, log=lambda _: None)
+    assert len(again.losses) == 4 and Path(kw["out"]).read_bytes() != mapper
+    lines.clear()
+    train(TrainConfig(**kw), progress=False, log=lines.append)
+    assert "up to date" in lines[-1]
+    res = CliRunner().invoke(
+        main,
+        ["train", "--params", str(tmp_path / "none.yaml"), "-q", "--retrain"]
+        + [f"--set=train.{k}={v}" for k, v in kw.items() if k != "stores"]
+        + [f"--set=train.stores=[{ds}]"],
+    )
+    assert res.exit_code == 0, res.output
+    assert "up to date" not in res.output and "train: 4 steps" in res.output
