@@ -13,20 +13,24 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
-from model.clip import UPSAMPLE
+from model.checkpoint import sha256_file
 from stages import images
 from stages.common import ClipRef, ExecutionConfig, resolve_device
 from stages.config import require
 from stages.execution import BlockReport, PassSummary, load_clip_ref, prefetch_map, run_blocks
-from stages.incremental import UpdateCounts, update_output
-from store import ArraySpec, RowStore, Status, store_url
+from stages.incremental import UpdateCounts, store_summary, update_output
+from store import ArraySpec, RowStore, Status, StoreError, store_url
+from store import update as up
 from store.update import as_str
+
+if TYPE_CHECKING:  # torch and open_clip load only when a pass has rows to encode
+    import torch
 
 
 @dataclass(frozen=True)
@@ -199,9 +203,13 @@ def clip_pixels(img: Image.Image, preprocessing: str, size: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def pool_weights(n: int, size: int, upsample: int = UPSAMPLE) -> tuple[np.ndarray, np.ndarray]:
+def pool_weights(n: int, size: int, upsample: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Nearest upsampling by `upsample` then adaptive average pooling n -> size, as a
     sparse map: out[i] = sum_t w[i, t] * x[idx[i, t]]. Returns (idx [size, k], w [size, k])."""
+    if upsample is None:
+        from model.clip import UPSAMPLE
+
+        upsample = UPSAMPLE
     length = n * upsample
     rows: list[dict[int, float]] = []
     for i in range(size):
@@ -230,6 +238,8 @@ def deltaedit_pool(pixels: np.ndarray, size: int) -> np.ndarray:
 
 
 def clip_inputs(clip, arrays: list[np.ndarray], preprocessing: str) -> torch.Tensor:
+    import torch
+
     """Model-thread half: the arrays of clip_pixels -> model input [B, 3, S, S]."""
     x = torch.from_numpy(np.stack(arrays)).to(clip.device).permute(0, 3, 1, 2)
     if preprocessing == "deltaedit":
@@ -253,6 +263,43 @@ def counts_of(status: np.ndarray) -> dict[str, int]:
     return {Status(int(v)).name: int(c) for v, c in zip(names, counts, strict=True)}
 
 
+def model_inputs(refs: dict, paths: Sequence[str | None], **extra) -> dict | None:
+    """What the models of a pass are made from, known without loading them: the params
+    references and the sha256 of their weight files. None when a model is built from a
+    registered config (no file: it must be built to be known)."""
+    if any(not p for p in paths):
+        return None
+    return {
+        "refs": {k: asdict(v) for k, v in refs.items()},
+        "weights_sha256": [sha256_file(str(p)) for p in paths],
+        **extra,
+    }
+
+
+def up_to_date(dataset: str, name: str, inputs: dict | None, stage: str) -> EncodeResult | None:
+    """The output `<dataset>/<name>.zarr` when it is complete and was made from the present
+    manifest by the same model files: nothing to do, no model imported or loaded."""
+    url = store_url(dataset, name)
+    if inputs is None or not up.exists(url) or up.exists(f"{url}.prev"):
+        return None
+    manifest = RowStore.open(store_url(dataset, "manifest"), require_complete=True)
+    try:
+        out = RowStore.open(url)
+    except StoreError:
+        return None
+    same = (
+        out.attrs.get("inputs") == up.jsonable(inputs)
+        and out.attrs.get("manifest") == manifest.fingerprint
+        and up.KEY in out.specs
+        and out.n_rows == manifest.n_rows
+        and out.is_complete()
+    )
+    if not same:
+        return None
+    summary = store_summary(stage, out, PassSummary(stage, 0), 0, time.perf_counter(), [])
+    return EncodeResult(url, summary, UpdateCounts(int(out.ok_rows().size), 0, 0))
+
+
 @dataclass(frozen=True)
 class _ClipTask:
     out_url: str  # the compute store: row i = sources[i]
@@ -265,6 +312,8 @@ class _ClipTask:
     decode_threads: int
 
     def __call__(self, block: int) -> BlockReport:
+        import torch
+
         device = resolve_device(self.device)  # on the worker: auto = its own GPU if any
         start = time.perf_counter()
         out = RowStore.open(self.out_url)
@@ -308,11 +357,16 @@ def run_encode_clip(
     """Embed every OK manifest row of `cfg.dataset` into `<dataset>/clip.zarr`, reusing the
     rows of the previous clip.zarr and of `reuse` stores by key; resumable (see
     stages.incremental.update_output for overwrite / restart_on_change)."""
-    device = resolve_device(execution.device)
     RowStore.open(store_url(cfg.dataset, "manifest"), require_complete=True)
+    inputs = model_inputs({"clip": clip_ref}, [clip_ref.weights])
+    done = None if overwrite or reuse else up_to_date(cfg.dataset, "clip", inputs, "encode-clip")
+    if done is not None:
+        return done
+    device = resolve_device(execution.device)
     clip = load_clip_ref(clip_ref, device)
     attrs = {
         "stage": "encode-clip",
+        "inputs": inputs,
         "fingerprint": clip.fingerprint,
         "model": clip.name,
         "weights": clip_ref.weights or "",

@@ -13,9 +13,9 @@ import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from stages.common import E4ERef, ExecutionConfig, GeneratorRef, resolve_device
@@ -25,10 +25,15 @@ from stages.encode_clip import (
     assemble,
     counts_of,
     encode_image_block,
+    model_inputs,
     run_image_pass,
+    up_to_date,
 )
 from stages.execution import BlockReport, load_e4e_ref, load_generator_ref
 from store import ArraySpec, RowStore, store_url
+
+if TYPE_CHECKING:  # torch loads only when a pass has rows to encode
+    import torch
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,8 @@ def e4e_pixels(img: Image.Image, size: int) -> np.ndarray:
 
 def to_input(img: Image.Image, size: int) -> torch.Tensor:
     """RGB PIL image -> e4e input [3, size, size] float in [-1, 1]."""
+    import torch
+
     return torch.from_numpy(e4e_pixels(img, size).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
@@ -77,6 +84,8 @@ class _STask:
     keep_wplus: bool
 
     def __call__(self, block: int) -> BlockReport:
+        import torch
+
         device = resolve_device(self.device)  # on the worker: auto = its own GPU if any
         start = time.perf_counter()
         out = RowStore.open(self.out_url)
@@ -128,8 +137,13 @@ def run_encode_s(
 ) -> EncodeResult:
     """Invert every OK manifest row of `cfg.dataset` into `<dataset>/s.zarr`, reusing the
     rows of the previous s.zarr and of `reuse` stores by key; resumable."""
-    device = resolve_device(execution.device)
     RowStore.open(store_url(cfg.dataset, "manifest"), require_complete=True)
+    refs = {"generator": generator, "e4e": e4e}
+    inputs = model_inputs(refs, [generator.path, e4e.path], keep_wplus=cfg.keep_wplus)
+    done = None if overwrite or reuse else up_to_date(cfg.dataset, "s", inputs, "encode-s")
+    if done is not None:
+        return done
+    device = resolve_device(execution.device)
     G = load_generator_ref(generator, device)
     enc = load_e4e_ref(e4e, device)
     if (enc.n_latent, enc.w_dim) != (G.n_latent, G.w_dim):
@@ -143,6 +157,7 @@ def run_encode_s(
         arrays["wplus"] = ArraySpec((G.n_latent, G.w_dim), "float32")
     attrs = {
         "stage": "encode-s",
+        "inputs": inputs,
         "fingerprint": s_fingerprint(G.fingerprint, enc.fingerprint),
         "generator": G.fingerprint,
         "e4e": enc.fingerprint,

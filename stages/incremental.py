@@ -134,7 +134,7 @@ def update_output(
             if np.array_equal(up.as_str(old.read(up.KEY)), keys):
                 for u in (up.next_url(url), up.compute_url(url)):
                     up.remove(u)  # leftovers of an update killed after its swap
-                summary = _summary(name, old, PassSummary(name, 0), 0, start, notes)
+                summary = store_summary(name, old, PassSummary(name, 0), 0, start, notes)
                 return old, summary, UpdateCounts(int(old.ok_rows().size), 0, 0)
     sources = ([old] if old is not None else []) + reuse_stores
     plan = up.plan_rows(keys, np.asarray(wanted, dtype=bool), up.key_index(sources))
@@ -174,11 +174,11 @@ def update_output(
     up.swap_in(url, n_url)
     up.remove(c_url)
     final = RowStore.open(url)
-    summary = _summary(name, final, c_summary, assembled.blocks_run, start, notes)
+    summary = store_summary(name, final, c_summary, assembled.blocks_run, start, notes)
     return final, summary, counts
 
 
-def _summary(
+def store_summary(
     name: str,
     store: RowStore,
     computed: PassSummary,

@@ -15,6 +15,7 @@ one. Every copy writes whole blocks of the new store: one writer per shard.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 
 import fsspec
@@ -25,9 +26,19 @@ from store.rowstore import STATUS, ArraySpec, RowStore, _is_str_dtype
 from store.status import Status
 
 KEY = "sha256"  # the row key array: sha256 of the row's source bytes
-INPUT_KEYS = ("manifest", "weights", "root")  # attrs naming inputs (paths), not the producer
+INPUT_KEYS = (
+    "manifest",
+    "weights",
+    "root",
+    "inputs",
+)  # attrs naming inputs (paths), not the producer
 CHECKSUM = "rows_sha256"  # attrs: checksum of the key arrays (store verify recomputes it)
 NO_SOURCE = -1
+
+
+def jsonable(value):
+    """`value` as attrs hold it after the JSON round trip (tuples -> lists)."""
+    return json.loads(json.dumps(value))
 
 
 def as_str(values) -> np.ndarray:

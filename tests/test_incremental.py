@@ -406,3 +406,39 @@ def test_train_says_the_mapper_is_stale_and_retrains_only_when_asked(tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert "up to date" not in res.output and "train: 4 steps" in res.output
+
+
+def test_unchanged_rerun_loads_no_model(tmp_path):
+    """With model files, a rerun over an unchanged folder neither imports torch's model
+    libraries nor loads a model: the store records the files' sha256 and the manifest."""
+    src = make_folder(tmp_path)
+    ds = tmp_path / "ds"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    params = ["--params", str(ROOT / "params.yaml"), "-q"]
+
+    def cli(*args: str, importtime: bool = False) -> subprocess.CompletedProcess:
+        flags = ["-X", "importtime"] if importtime else []
+        proc = subprocess.run(
+            [sys.executable, *flags, "-m", "pipeline", *args, *params],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc
+
+    cli("ingest", str(src), "--out", str(ds), "--set", f"ingest.rows_per_shard={RPS}")
+    cli("encode-clip", "--dataset", str(ds))
+    cli("encode-s", "--dataset", str(ds))
+    before = snapshot(ds / "clip.zarr")
+    for stage in ("encode-clip", "encode-s"):
+        again = cli(stage, "--dataset", str(ds), importtime=True)
+        assert f"{stage}: rows reused {N}, computed 0, dropped 0" in again.stdout
+        imported = {ln.split("|")[-1].strip() for ln in again.stderr.splitlines() if "|" in ln}
+        assert "torch" not in imported and "open_clip" not in imported
+    assert snapshot(ds / "clip.zarr") == before
+    _image(src / "img04.png", 404)  # changed bytes: the manifest changes, the pass runs
+    cli("ingest", str(src), "--out", str(ds), "--set", f"ingest.rows_per_shard={RPS}")
+    changed = cli("encode-clip", "--dataset", str(ds))
+    assert f"encode-clip: rows reused {N - 1}, computed 1, dropped 1" in changed.stdout

@@ -15,17 +15,10 @@ import click
 from model.checkpoint import CheckpointError
 from pipeline.common import config, load, params_options
 from stages.common import ClipRef, E4ERef, ExecutionConfig, GeneratorRef
-from stages.encode_clip import EncodeClipConfig, run_encode_clip
-from stages.encode_s import EncodeSConfig, EncodeSError, run_encode_s
-from stages.ingest import (
-    ImportOfficialConfig,
-    IngestConfig,
-    IngestError,
-    run_import_official,
-    run_ingest,
-)
-from stages.sample import SampleConfig, run_sample
 from store import StoreError
+
+# The stage modules (torch, open_clip) are imported inside each command, so a command
+# that finds nothing to do (`deltaedit ingest` over an unchanged folder) starts fast.
 
 COMMANDS: list[click.Command] = []
 
@@ -49,11 +42,12 @@ _reuse = click.option(
 )
 
 
-def _run(func: Callable[[], Any]) -> Any:
-    """Run a stage; bad input and store problems become one-line CLI errors."""
+def _run(func: Callable[[], Any], *errors: type[Exception]) -> Any:
+    """Run a stage; bad input (`errors`: the stage's own error classes) and store problems
+    become one-line CLI errors."""
     try:
         return func()
-    except (StoreError, IngestError, EncodeSError, CheckpointError, FileNotFoundError) as exc:
+    except (StoreError, CheckpointError, FileNotFoundError, *errors) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -88,11 +82,14 @@ def ingest_cmd(
     Every file is hashed and decode-checked; bad files become rows with a status
     (unreadable, too large, duplicate ...) listed in the summary, never a crash.
     """
+    from stages.ingest import IngestConfig, IngestError, run_ingest
+
     params = load(params_path, sets, {"ingest.source": source, "ingest.out": out})
     cfg = config(params, "ingest", IngestConfig)
     execution = config(params, "execution", ExecutionConfig)
     result = _run(
-        lambda: run_ingest(cfg, execution, overwrite, not quiet, restart_on_change, reuse)
+        lambda: run_ingest(cfg, execution, overwrite, not quiet, restart_on_change, reuse),
+        IngestError,
     )
     _echo_summary(result.summary, result.lines, result.counts)
     click.echo(f"wrote {result.manifest}")
@@ -125,6 +122,8 @@ def import_official_cmd(
         "import_official.wspace": wspace,
         "import_official.out": out,
     }
+    from stages.ingest import ImportOfficialConfig, IngestError, run_import_official
+
     params = load(params_path, sets, flags)
     cfg = config(params, "import_official", ImportOfficialConfig)
     generator = config(params, "generator", GeneratorRef)
@@ -132,7 +131,8 @@ def import_official_cmd(
     result = _run(
         lambda: run_import_official(
             cfg, generator, execution, overwrite, not quiet, restart_on_change
-        )
+        ),
+        IngestError,
     )
     _echo_summary(result.summary, result.lines)
     kind = "conv-only S (layout recorded)" if result.conv_only else "full S"
@@ -156,6 +156,8 @@ def encode_clip_cmd(
     sets,
 ) -> None:
     """CLIP image embeddings of every OK manifest row -> <dataset>/clip.zarr."""
+    from stages.encode_clip import EncodeClipConfig, run_encode_clip
+
     params = load(params_path, sets, {"encode_clip.dataset": dataset})
     cfg = config(params, "encode_clip", EncodeClipConfig)
     clip_ref = config(params, "clip", ClipRef)
@@ -186,6 +188,8 @@ def encode_s_cmd(
     sets,
 ) -> None:
     """e4e inversion of every OK manifest row -> W+ -> S -> <dataset>/s.zarr."""
+    from stages.encode_s import EncodeSConfig, EncodeSError, run_encode_s
+
     params = load(params_path, sets, {"encode_s.dataset": dataset})
     cfg = config(params, "encode_s", EncodeSConfig)
     generator = config(params, "generator", GeneratorRef)
@@ -194,7 +198,8 @@ def encode_s_cmd(
     result = _run(
         lambda: run_encode_s(
             cfg, generator, e4e, execution, overwrite, not quiet, restart_on_change, reuse
-        )
+        ),
+        EncodeSError,
     )
     _echo_summary(result.summary, counts=result.counts)
     click.echo(f"wrote {result.out}")
@@ -219,6 +224,8 @@ def sample_cmd(
     sets,
 ) -> None:
     """Synthetic rows: z -> W+ -> S -> render -> CLIP, into <out>/{manifest,clip,s}.zarr."""
+    from stages.sample import SampleConfig, run_sample
+
     params = load(params_path, sets, {"sample.n": n, "sample.seed": seed, "sample.out": out})
     cfg = config(params, "sample", SampleConfig)
     generator = config(params, "generator", GeneratorRef)
