@@ -166,6 +166,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=None, help="base images (world 4096, encoders 2048)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rows-per-shard", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=None, help="execution.batch_size")
     args = ap.parse_args()
     n = args.n or (4096 if args.preset == "world" else 2048)
     extra = n // 10 + n // 100 + 2
@@ -179,6 +180,8 @@ def main() -> None:
             pool = noise_images(tmp / "pool", n + extra)
             params = encoder_params(args.device, tmp / "weights")
         params["ingest"] = {"rows_per_shard": args.rows_per_shard}
+        if args.batch_size:
+            params["execution"]["batch_size"] = args.batch_size
         params_path = tmp / "params.yaml"
         params_path.write_text(yaml.safe_dump(params))
         print(f"preset {args.preset}: {n} base images, made in {time.perf_counter() - t0:.1f} s")
