@@ -74,7 +74,7 @@ ComputeFn = Callable[[str, np.ndarray], PassSummary]
 
 def _same_output(old: RowStore, attrs: dict) -> bool:
     a = {k: v for k, v in old.attrs.items() if k != up.CHECKSUM}
-    return a == {k: v for k, v in attrs.items() if k != up.CHECKSUM}
+    return a == up.jsonable({k: v for k, v in attrs.items() if k != up.CHECKSUM})
 
 
 def update_output(

@@ -15,14 +15,13 @@ one. Every copy writes whole blocks of the new store: one writer per shard.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 
 import fsspec
 import numpy as np
 
 from store.errors import StoreError
-from store.rowstore import STATUS, ArraySpec, RowStore, _is_str_dtype
+from store.rowstore import STATUS, ArraySpec, RowStore, _is_str_dtype, _jsonable
 from store.status import Status
 
 KEY = "sha256"  # the row key array: sha256 of the row's source bytes
@@ -37,8 +36,8 @@ NO_SOURCE = -1
 
 
 def jsonable(value):
-    """`value` as attrs hold it after the JSON round trip (tuples -> lists)."""
-    return json.loads(json.dumps(value))
+    """`value` as attrs hold it after the JSON round trip (tuples -> lists, numpy -> python)."""
+    return _jsonable(value)
 
 
 def as_str(values) -> np.ndarray:

@@ -151,6 +151,7 @@ def test_changed_folder_computes_only_new_rows_and_equals_a_fresh_run(tmp_path, 
     same = run_all(src, ds)  # unchanged folder: nothing computed, nothing written
     assert same["clip"].counts.computed == 0 and same["clip"].summary.blocks_run == 0
     assert spy["clip"] == [] and same["s"].counts.computed == 0
+    assert same["s"].summary.blocks_run == 0  # not even copied again
 
 
 def test_cli_prints_reuse_counts_and_duplicates_are_computed_once(tmp_path, spy):
