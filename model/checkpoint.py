@@ -14,10 +14,10 @@ import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:  # torch and safetensors load inside the functions: importing this module
+    import torch  # stays cheap (the CLI imports CheckpointError on every start)
 
 
 class CheckpointError(ValueError):
@@ -26,6 +26,8 @@ class CheckpointError(ValueError):
 
 def fingerprint(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> str:
     """sha256 over the config (canonical JSON) and every tensor (sorted keys, raw bytes)."""
+    import torch
+
     h = hashlib.sha256()
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for key in sorted(state):
@@ -69,6 +71,8 @@ def save_checkpoint(
     path: str | Path, state: Mapping[str, torch.Tensor], config: Mapping[str, Any]
 ) -> None:
     """Write `path` (safetensors) and its JSON config, each atomically."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -84,6 +88,8 @@ def save_checkpoint(
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read a safetensors file and the JSON config beside it."""
+    from safetensors.torch import load_file
+
     path = Path(path)
     cfg = config_path(path)
     if not path.exists():
@@ -103,6 +109,8 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 def torch_load_safe(path: str | Path) -> Any:
     """`torch.load` with `weights_only=True`: tensors and plain containers, no code."""
+    import torch
+
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")

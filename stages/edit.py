@@ -582,7 +582,7 @@ def run(
         return _edit(cfg, execution, clip_ref, clip, progress, log)
 
 
-def edit_url(cfg: EditConfig, edit: ResolvedEdit) -> str:
+def edit_url(cfg: EditConfig, edit: Any) -> str:
     """Where an edit is written: `<edit.out_dir>/<name>.zarr`."""
     return f"{cfg.out_dir.rstrip('/')}/{edit.name}.zarr"
 
@@ -597,8 +597,9 @@ def _edit(
 ) -> list[EditResult]:
     from tqdm import tqdm
 
-    from stages.execution import mark_non_finite
-    from store import ArraySpec, FingerprintMismatch, RowStore, Status
+    from stages.execution import BlockReport, PassSummary, counts_of, mark_non_finite
+    from stages.incremental import update_output
+    from store import ArraySpec, RowStore, Status
 
     edits = cfg.resolved()
     if not edits:
@@ -645,6 +646,7 @@ def _edit(
 
     selected = np.zeros(s_store.n_rows, dtype=bool)
     selected[rows] = True
+    keys = row_keys(s_store)
     results = []
     for edit, neutral, targets in prepared:
         t0 = time.perf_counter()
@@ -652,59 +654,57 @@ def _edit(
         attrs["fingerprint"] = edit_fingerprint(attrs)
         url = edit_url(cfg, edit)
         spec = {"s": ArraySpec((layout.dim,), "float32")}
-        try:
-            out = RowStore.create(
-                url, s_store.n_rows, s_store.rows_per_shard, spec, attrs, mode="resume"
-            )
-        except FingerprintMismatch:
-            log(f"edit {edit.name}: prompts or models changed, rewriting {url}")
-            out = RowStore.create(
-                url, s_store.n_rows, s_store.rows_per_shard, spec, attrs, mode="overwrite"
-            )
         gd = None
         if cfg.method == "global-direction":
             s_std_conv = torch.as_tensor(relevance.s_std[layout.conv_index()])
             gd = global_direction_delta(relevance.directions, s_std_conv, targets)
-        blocks = out.pending_blocks()
-        n_edit = 0
 
-        def load(b: int, out=out) -> tuple[int, np.ndarray, np.ndarray | None, np.ndarray]:
-            sl = out.block_rows(b)
-            idx = np.flatnonzero(selected[sl])
-            if len(idx) == 0:
-                return b, idx, None, np.zeros((0, layout.dim), np.float32)
-            c_blk = c_store.read("embed", rows=sl)[idx] if mapper is not None else None
-            return b, idx, c_blk, s_store.read("s", rows=sl)[idx]
+        def compute(
+            c_url: str, todo: np.ndarray, targets=targets, gd=gd, name=edit.name
+        ) -> PassSummary:
+            """Edit the rows `todo` (new or changed since the last edit) into c_url."""
+            c_out = RowStore.open(c_url)
+            blocks = c_out.pending_blocks()
 
-        bar = tqdm(total=len(blocks), desc=f"edit {edit.name}", unit="block", disable=not progress)
-        # read the next block and write the previous one while the mapper runs
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            writing = None
-            for b, idx, c_blk, s_blk in prefetch(pool, load, blocks):
-                sl = out.block_rows(b)
-                s_new = np.zeros((sl.stop - sl.start, layout.dim), dtype=np.float32)
-                status = np.full(sl.stop - sl.start, int(Status.SKIPPED), dtype=np.uint8)
-                if len(idx):
-                    s_new[idx] = edit_rows(
-                        s_blk,
-                        c_blk,
-                        targets,
-                        work,
-                        mapper,
-                        gd,
-                        execution.batch_size,
-                        device,
+            def load(b: int) -> tuple[int, np.ndarray | None, np.ndarray]:
+                idx = todo[c_out.block_rows(b)]
+                c_blk = c_store.read("embed", rows=idx) if mapper is not None else None
+                return b, c_blk, s_store.read("s", rows=idx)
+
+            summary = PassSummary(f"edit {name}", len(blocks))
+            bar = tqdm(total=len(blocks), desc=f"edit {name}", unit="block", disable=not progress)
+            # read the next block and write the previous one while the mapper runs
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                writing = None
+                for b, c_blk, s_blk in prefetch(pool, load, blocks):
+                    s_new = edit_rows(
+                        s_blk, c_blk, targets, work, mapper, gd, execution.batch_size, device
                     )
-                    status[idx] = int(Status.OK)
+                    status = np.full(len(s_new), int(Status.OK), dtype=np.uint8)
                     mark_non_finite(status, [s_new])  # a mapper's NaN is a row status
+                    if writing is not None:
+                        writing.result()
+                    writing = pool.submit(c_out.write_block, b, {"s": s_new}, status)
+                    summary.add(BlockReport(b, len(s_new), counts_of(status)))
+                    bar.update(1)
                 if writing is not None:
                     writing.result()
-                writing = pool.submit(out.write_block, b, {"s": s_new}, status)
-                n_edit += len(idx)
-                bar.update(1)
-            if writing is not None:
-                writing.result()
-        bar.close()
+            bar.close()
+            return summary
+
+        out, summary, counts = update_output(
+            url,
+            s_store.rows_per_shard,
+            spec,
+            attrs,
+            keys,
+            selected,
+            compute,
+            execution,
+            f"edit {edit.name}",
+            restart_on_change=True,
+            progress=False,
+        )
         dt = time.perf_counter() - t0
         total = out.status()
         n_edit_all = int((total == int(Status.OK)).sum())
@@ -713,10 +713,23 @@ def _edit(
         log(
             f"edit {edit.name}: {n_edit_all} rows edited, "
             f"{s_store.n_rows - n_edit_all - n_bad} skipped (not selected or not ok upstream)"
-            f"{failed}, {n_edit / max(dt, 1e-9):.0f} rows/s -> {url}"
+            f"{failed}, {counts.computed / max(dt, 1e-9):.0f} rows/s -> {url}"
         )
+        log(counts.line(f"edit {edit.name}"))
+        for note in summary.notes:
+            log(f"  {note}")
         results.append(EditResult(edit.name, url, n_edit_all, s_store.n_rows - n_edit_all, dt))
     return results
+
+
+def row_keys(store: Any) -> np.ndarray:
+    """The rows' keys for reusing edits: the sha256 of each row's source bytes, or, for
+    stores without keys (sampled rows, imported latents), the row's position."""
+    from store import update as up
+
+    if up.KEY in store.specs:
+        return up.as_str(store.read(up.KEY))
+    return np.array([f"row:{i}" for i in range(store.n_rows)], dtype=str)
 
 
 def conv_runs(layout: SLayout) -> list[tuple[slice, slice]]:
@@ -750,9 +763,13 @@ def edit_rows(
     for i in range(0, len(s), batch_size):
         rows = slice(i, i + batch_size)
         if mapper is not None:
-            s_conv = torch.from_numpy(np.ascontiguousarray(out[rows][:, idx])).to(device)
-            cb = torch.as_tensor(c[rows], dtype=torch.float32, device=device)
+            # always batch_size rows (the last batch padded): a row's delta does not depend
+            # on which rows share its batch, so reused and recomputed edits agree bitwise
+            take = np.minimum(np.arange(i, i + batch_size), len(s) - 1)
+            s_conv = torch.from_numpy(np.ascontiguousarray(out[take][:, idx])).to(device)
+            cb = torch.as_tensor(c[take], dtype=torch.float32, device=device)
             delta = mapper_delta(mapper, s_conv, cb, targets).float().cpu().numpy()
+            delta = delta[: len(out[rows])]
         else:
             delta = gd_delta.float().cpu().numpy()[None]
         for flat, conv in runs:

@@ -12,15 +12,16 @@ manifest (the manifest's fingerprint).
 from __future__ import annotations
 
 import functools
+import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
-from model.clip import UPSAMPLE
+from model.checkpoint import sha256_file
 from stages import images
 from stages.common import ClipRef, ExecutionConfig, resolve_device
 from stages.config import require
@@ -28,14 +29,19 @@ from stages.execution import (
     BlockReport,
     PassSummary,
     counts_of,
-    create_output,
-    hold_outputs,
+    leased,
     load_clip_ref,
     non_finite_rows,
     prefetch_map,
     run_blocks,
 )
-from store import ArraySpec, RowStore, Status, store_url
+from stages.incremental import UpdateCounts, store_summary, update_output
+from store import ArraySpec, RowStore, Status, StoreError, store_url
+from store import update as up
+from store.update import as_str
+
+if TYPE_CHECKING:  # torch and open_clip load only when a pass has rows to encode
+    import torch
 
 
 @dataclass(frozen=True)
@@ -54,30 +60,29 @@ class EncodeClipConfig:
 class EncodeResult:
     out: str
     summary: PassSummary
+    counts: UpdateCounts | None = None  # rows reused / computed / dropped
 
 
 def encode_image_block(
-    manifest: RowStore,
-    rows: slice,
+    sources: Sequence[str],
+    root: str,
+    max_pixels: int,
     prepare: Callable[[Image.Image], np.ndarray],
     forward: Callable[[list[np.ndarray]], dict[str, np.ndarray]],
     batch_size: int,
     threads: int,
 ) -> tuple[dict[int, dict[str, np.ndarray]], np.ndarray, list[str]]:
-    """Decode the manifest's OK rows of one block and run the model over them in batches.
+    """Decode `sources` (one block of rows to compute) and run the model over them.
 
     prepare(PIL RGB image) -> uint8 array [H, W, 3]: runs in the decode threads and uses
     Pillow/numpy only (torch ops there would fight the model's OpenMP threads for cores);
-    forward(list of those arrays) -> {name: [B, ...]}: runs in the calling thread.
-    Returns ({row offset: {name: row}}, status [n], problem lines).
+    forward(list of those arrays) -> {name: [B, ...]}: runs in the calling thread, always
+    on exactly `batch_size` arrays (the last batch padded with copies of its last row), so
+    a row's result does not depend on how many rows share its batch.
+    Returns ({row offset: {name: row}}, status [n] OK / UNREADABLE, problem lines).
     """
-    n = rows.stop - rows.start
-    upstream = np.asarray(manifest.array("status")[rows], dtype=np.uint8)
-    sources = manifest.read("source", rows)
-    root = manifest.attrs.get("root", "")
-    max_pixels = int(manifest.attrs.get("max_pixels") or images.MAX_FILE_BYTES)
-    status = np.full(n, Status.SKIPPED, dtype=np.uint8)
-    todo = np.flatnonzero(upstream == Status.OK).tolist()
+    n = len(sources)
+    status = np.full(n, Status.UNREADABLE, dtype=np.uint8)
     lines: list[str] = []
     results: dict[int, dict[str, np.ndarray]] = {}
 
@@ -95,7 +100,9 @@ def encode_image_block(
         def flush() -> None:
             if not batch:
                 return
-            out = forward([a for _, a in batch])
+            arrays = [a for _, a in batch]
+            arrays += [arrays[-1]] * (batch_size - len(arrays))
+            out = forward(arrays)
             bad = non_finite_rows(list(out.values()))
             for j, (k, _) in enumerate(batch):
                 if bad[j]:
@@ -106,9 +113,8 @@ def encode_image_block(
                 status[k] = Status.OK
             batch.clear()
 
-        for k, x, why in prefetch_map(load, todo, threads, ahead=2 * batch_size):
+        for k, x, why in prefetch_map(load, range(n), threads, ahead=2 * batch_size):
             if x is None:
-                status[k] = Status.UNREADABLE
                 lines.append(f"UNREADABLE: {sources[k]} ({why})")
                 continue
             batch.append((k, x))
@@ -116,6 +122,75 @@ def encode_image_block(
                 flush()
         flush()
     return results, status, lines
+
+
+@dataclass(frozen=True)
+class ImageRows:
+    """The manifest rows an image encoder reads: where the files are and their keys."""
+
+    root: str
+    max_pixels: int
+    sources: np.ndarray  # [N] str
+    keys: np.ndarray  # [N] str, sha256 of each source's bytes
+    wanted: np.ndarray  # [N] bool, OK in the manifest
+
+    @classmethod
+    def of(cls, manifest: RowStore) -> ImageRows:
+        return cls(
+            str(manifest.attrs.get("root", "")),
+            int(manifest.attrs.get("max_pixels") or images.MAX_FILE_BYTES),
+            as_str(manifest.read("source")),
+            as_str(manifest.read("sha256")),
+            manifest.status() == Status.OK,
+        )
+
+
+# make_task(compute store url, sources of its rows, root, max_pixels) -> the block task
+# writing that store
+MakeTask = Callable[[str, tuple[str, ...], str, int], Callable[[int], BlockReport]]
+
+
+def run_image_pass(
+    dataset: str,
+    name: str,
+    arrays: dict[str, ArraySpec],
+    attrs: dict,
+    make_task: MakeTask,
+    execution: ExecutionConfig,
+    reuse: Sequence[str],
+    overwrite: bool,
+    restart_on_change: bool,
+    progress: bool,
+) -> EncodeResult:
+    """`<dataset>/<name>.zarr` from the manifest's OK rows: rows of earlier stores reused by
+    key, the rest encoded by make_task's blocks (stages.incremental.update_output)."""
+    manifest = RowStore.open(store_url(dataset, "manifest"), require_complete=True)
+    rows = ImageRows.of(manifest)
+    attrs = {**attrs, "manifest": manifest.fingerprint}
+    stage = str(attrs["stage"])
+
+    def compute(c_url: str, todo: np.ndarray) -> PassSummary:
+        task = make_task(c_url, tuple(rows.sources[todo].tolist()), rows.root, rows.max_pixels)
+        c = RowStore.open(c_url)
+        return run_blocks(task, c.pending_blocks(), execution, stage, c.n_blocks, progress)
+
+    out_url = store_url(dataset, name)
+    _, summary, counts = update_output(
+        out_url,
+        manifest.rows_per_shard,
+        arrays,
+        attrs,
+        rows.keys,
+        rows.wanted,
+        compute,
+        execution,
+        stage,
+        reuse,
+        overwrite,
+        restart_on_change,
+        progress,
+    )
+    return EncodeResult(out_url, summary, counts)
 
 
 def clip_pixels(img: Image.Image, preprocessing: str, size: int) -> np.ndarray:
@@ -144,9 +219,13 @@ def clip_pixels(img: Image.Image, preprocessing: str, size: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def pool_weights(n: int, size: int, upsample: int = UPSAMPLE) -> tuple[np.ndarray, np.ndarray]:
+def pool_weights(n: int, size: int, upsample: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Nearest upsampling by `upsample` then adaptive average pooling n -> size, as a
     sparse map: out[i] = sum_t w[i, t] * x[idx[i, t]]. Returns (idx [size, k], w [size, k])."""
+    if upsample is None:
+        from model.clip import UPSAMPLE
+
+        upsample = UPSAMPLE
     length = n * upsample
     rows: list[dict[int, float]] = []
     for i in range(size):
@@ -175,6 +254,8 @@ def deltaedit_pool(pixels: np.ndarray, size: int) -> np.ndarray:
 
 
 def clip_inputs(clip, arrays: list[np.ndarray], preprocessing: str) -> torch.Tensor:
+    import torch
+
     """Model-thread half: the arrays of clip_pixels -> model input [B, 3, S, S]."""
     x = torch.from_numpy(np.stack(arrays)).to(clip.device).permute(0, 3, 1, 2)
     if preprocessing == "deltaedit":
@@ -193,19 +274,59 @@ def assemble(
     return out
 
 
+def model_inputs(refs: dict, paths: Sequence[str | None], **extra) -> dict | None:
+    """What the models of a pass are made from, known without loading them: the params
+    references and the sha256 of their weight files. None when a model is built from a
+    registered config (no file: it must be built to be known)."""
+    if any(not p or not os.path.isfile(str(p)) for p in paths):
+        return None  # a missing file: the model loader says which, in one line
+    return {
+        "refs": {k: asdict(v) for k, v in refs.items()},
+        "weights_sha256": [sha256_file(str(p)) for p in paths],
+        **extra,
+    }
+
+
+def up_to_date(dataset: str, name: str, inputs: dict | None, stage: str) -> EncodeResult | None:
+    """The output `<dataset>/<name>.zarr` when it is complete and was made from the present
+    manifest by the same model files: nothing to do, no model imported or loaded."""
+    url = store_url(dataset, name)
+    if inputs is None or not up.exists(url) or up.exists(f"{url}.prev"):
+        return None
+    manifest = RowStore.open(store_url(dataset, "manifest"), require_complete=True)
+    try:
+        out = RowStore.open(url)
+    except StoreError:
+        return None
+    same = (
+        out.attrs.get("inputs") == up.jsonable(inputs)
+        and out.attrs.get("manifest") == manifest.fingerprint
+        and up.KEY in out.specs
+        and out.n_rows == manifest.n_rows
+        and out.is_complete()
+    )
+    if not same:
+        return None
+    summary = store_summary(stage, out, PassSummary(stage, 0), 0, time.perf_counter(), [])
+    return EncodeResult(url, summary, UpdateCounts(int(out.ok_rows().size), 0, 0))
+
+
 @dataclass(frozen=True)
 class _ClipTask:
-    manifest_url: str
-    out_url: str
+    out_url: str  # the compute store: row i = sources[i]
+    sources: tuple[str, ...]
+    root: str
+    max_pixels: int
     clip: ClipRef
     device: str
     batch_size: int
     decode_threads: int
 
     def __call__(self, block: int) -> BlockReport:
+        import torch
+
         device = resolve_device(self.device)  # on the worker: auto = its own GPU if any
         start = time.perf_counter()
-        manifest = RowStore.open(self.manifest_url)
         out = RowStore.open(self.out_url)
         clip = load_clip_ref(self.clip, device)
         prep = self.clip.preprocessing
@@ -220,7 +341,13 @@ class _ClipTask:
                 return {"embed": clip.model.encode_image(x).float().cpu().numpy()}
 
         results, status, lines = encode_image_block(
-            manifest, rows, prepare, forward, self.batch_size, self.decode_threads
+            self.sources[rows],
+            self.root,
+            self.max_pixels,
+            prepare,
+            forward,
+            self.batch_size,
+            self.decode_threads,
         )
         data = assemble(results, len(status), {"embed": (clip.embed_dim,)})
         out.write_block(block, data, status)
@@ -236,12 +363,19 @@ def run_encode_clip(
     overwrite: bool = False,
     progress: bool = True,
     restart_on_change: bool = False,
+    reuse: Sequence[str] = (),
 ) -> EncodeResult:
-    """Encode every OK manifest row of `cfg.dataset` into `<dataset>/clip.zarr`; resumable
-    (see execution.create_output for overwrite / restart_on_change)."""
-    notes: list[str] = []  # takeover notes of the leases come first
-    with hold_outputs([store_url(cfg.dataset, "clip")], "encode-clip", execution, notes.append):
-        return _encode_clip(cfg, clip_ref, execution, overwrite, progress, restart_on_change, notes)
+    """Embed every OK manifest row of `cfg.dataset` into `<dataset>/clip.zarr`, reusing the
+    rows of the previous clip.zarr and of `reuse` stores by key; resumable (see
+    stages.incremental.update_output for overwrite / restart_on_change)."""
+    return leased(
+        [store_url(cfg.dataset, "clip")],
+        "encode-clip",
+        execution,
+        lambda: _encode_clip(
+            cfg, clip_ref, execution, overwrite, progress, restart_on_change, reuse
+        ),
+    )
 
 
 def _encode_clip(
@@ -251,37 +385,40 @@ def _encode_clip(
     overwrite: bool,
     progress: bool,
     restart_on_change: bool,
-    notes: list[str],
+    reuse: Sequence[str],
 ) -> EncodeResult:
+    RowStore.open(store_url(cfg.dataset, "manifest"), require_complete=True)
+    inputs = model_inputs({"clip": clip_ref}, [clip_ref.weights])
+    done = None if overwrite or reuse else up_to_date(cfg.dataset, "clip", inputs, "encode-clip")
+    if done is not None:
+        return done
     device = resolve_device(execution.device)
-    manifest_url = store_url(cfg.dataset, "manifest")
-    manifest = RowStore.open(manifest_url, require_complete=True)
     clip = load_clip_ref(clip_ref, device)
     attrs = {
         "stage": "encode-clip",
+        "inputs": inputs,
         "fingerprint": clip.fingerprint,
         "model": clip.name,
         "weights": clip_ref.weights or "",
         "preprocessing": clip_ref.preprocessing,
         "normalized": False,
-        "manifest": manifest.fingerprint,
     }
-    out_url = store_url(cfg.dataset, "clip")
-    out = create_output(
-        out_url,
-        manifest.n_rows,
-        manifest.rows_per_shard,
-        {"embed": ArraySpec((clip.embed_dim,), "float32")},
+
+    def make_task(*head) -> _ClipTask:  # (compute url, sources, root, max_pixels)
+        return _ClipTask(
+            *head, clip_ref, execution.device, execution.batch_size, cfg.decode_threads
+        )
+
+    arrays = {"embed": ArraySpec((clip.embed_dim,), "float32")}
+    return run_image_pass(
+        cfg.dataset,
+        "clip",
+        arrays,
         attrs,
+        make_task,
+        execution,
+        reuse,
         overwrite,
         restart_on_change,
-        notes,
+        progress,
     )
-    task = _ClipTask(
-        manifest_url, out_url, clip_ref, execution.device, execution.batch_size, cfg.decode_threads
-    )
-    summary = run_blocks(
-        task, out.pending_blocks(), execution, "encode-clip", out.n_blocks, progress
-    )
-    summary.notes.extend(notes)
-    return EncodeResult(out_url, summary)

@@ -11,24 +11,28 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from stages.common import E4ERef, ExecutionConfig, GeneratorRef, resolve_device
 from stages.config import require
-from stages.encode_clip import EncodeResult, assemble, counts_of, encode_image_block
-from stages.execution import (
-    BlockReport,
-    create_output,
-    hold_outputs,
-    load_e4e_ref,
-    load_generator_ref,
-    run_blocks,
+from stages.encode_clip import (
+    EncodeResult,
+    assemble,
+    encode_image_block,
+    model_inputs,
+    run_image_pass,
+    up_to_date,
 )
+from stages.execution import BlockReport, counts_of, leased, load_e4e_ref, load_generator_ref
 from store import ArraySpec, RowStore, store_url
+
+if TYPE_CHECKING:  # torch loads only when a pass has rows to encode
+    import torch
 
 
 @dataclass(frozen=True)
@@ -60,13 +64,17 @@ def e4e_pixels(img: Image.Image, size: int) -> np.ndarray:
 
 def to_input(img: Image.Image, size: int) -> torch.Tensor:
     """RGB PIL image -> e4e input [3, size, size] float in [-1, 1]."""
+    import torch
+
     return torch.from_numpy(e4e_pixels(img, size).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 @dataclass(frozen=True)
 class _STask:
-    manifest_url: str
-    out_url: str
+    out_url: str  # the compute store: row i = sources[i]
+    sources: tuple[str, ...]
+    root: str
+    max_pixels: int
     generator: GeneratorRef
     e4e: E4ERef
     device: str
@@ -75,9 +83,10 @@ class _STask:
     keep_wplus: bool
 
     def __call__(self, block: int) -> BlockReport:
+        import torch
+
         device = resolve_device(self.device)  # on the worker: auto = its own GPU if any
         start = time.perf_counter()
-        manifest = RowStore.open(self.manifest_url)
         out = RowStore.open(self.out_url)
         G = load_generator_ref(self.generator, device)
         enc = load_e4e_ref(self.e4e, device)
@@ -98,7 +107,13 @@ class _STask:
             return out
 
         results, status, lines = encode_image_block(
-            manifest, rows, prepare, forward, self.batch_size, self.decode_threads
+            self.sources[rows],
+            self.root,
+            self.max_pixels,
+            prepare,
+            forward,
+            self.batch_size,
+            self.decode_threads,
         )
         shapes: dict[str, tuple[int, ...]] = {"s": (G.layout.dim,)}
         if self.keep_wplus:
@@ -117,13 +132,18 @@ def run_encode_s(
     overwrite: bool = False,
     progress: bool = True,
     restart_on_change: bool = False,
+    reuse: Sequence[str] = (),
 ) -> EncodeResult:
-    """Invert every OK manifest row of `cfg.dataset` into `<dataset>/s.zarr`; resumable."""
-    notes: list[str] = []  # takeover notes of the leases come first
-    with hold_outputs([store_url(cfg.dataset, "s")], "encode-s", execution, notes.append):
-        return _encode_s(
-            cfg, generator, e4e, execution, overwrite, progress, restart_on_change, notes
-        )
+    """Invert every OK manifest row of `cfg.dataset` into `<dataset>/s.zarr`, reusing the
+    rows of the previous s.zarr and of `reuse` stores by key; resumable."""
+    return leased(
+        [store_url(cfg.dataset, "s")],
+        "encode-s",
+        execution,
+        lambda: _encode_s(
+            cfg, generator, e4e, execution, overwrite, progress, restart_on_change, reuse
+        ),
+    )
 
 
 def _encode_s(
@@ -134,11 +154,15 @@ def _encode_s(
     overwrite: bool,
     progress: bool,
     restart_on_change: bool,
-    notes: list[str],
+    reuse: Sequence[str],
 ) -> EncodeResult:
+    RowStore.open(store_url(cfg.dataset, "manifest"), require_complete=True)
+    refs = {"generator": generator, "e4e": e4e}
+    inputs = model_inputs(refs, [generator.path, e4e.path], keep_wplus=cfg.keep_wplus)
+    done = None if overwrite or reuse else up_to_date(cfg.dataset, "s", inputs, "encode-s")
+    if done is not None:
+        return done
     device = resolve_device(execution.device)
-    manifest_url = store_url(cfg.dataset, "manifest")
-    manifest = RowStore.open(manifest_url, require_complete=True)
     G = load_generator_ref(generator, device)
     enc = load_e4e_ref(e4e, device)
     if (enc.n_latent, enc.w_dim) != (G.n_latent, G.w_dim):
@@ -152,33 +176,33 @@ def _encode_s(
         arrays["wplus"] = ArraySpec((G.n_latent, G.w_dim), "float32")
     attrs = {
         "stage": "encode-s",
+        "inputs": inputs,
         "fingerprint": s_fingerprint(G.fingerprint, enc.fingerprint),
         "generator": G.fingerprint,
         "e4e": enc.fingerprint,
         "layout": G.layout.to_dict(),
-        "manifest": manifest.fingerprint,
     }
-    out_url = store_url(cfg.dataset, "s")
-    out = create_output(
-        out_url,
-        manifest.n_rows,
-        manifest.rows_per_shard,
+
+    def make_task(*head) -> _STask:  # (compute url, sources, root, max_pixels)
+        return _STask(
+            *head,
+            generator,
+            e4e,
+            execution.device,
+            execution.batch_size,
+            cfg.decode_threads,
+            cfg.keep_wplus,
+        )
+
+    return run_image_pass(
+        cfg.dataset,
+        "s",
         arrays,
         attrs,
+        make_task,
+        execution,
+        reuse,
         overwrite,
         restart_on_change,
-        notes,
+        progress,
     )
-    task = _STask(
-        manifest_url,
-        out_url,
-        generator,
-        e4e,
-        execution.device,
-        execution.batch_size,
-        cfg.decode_threads,
-        cfg.keep_wplus,
-    )
-    summary = run_blocks(task, out.pending_blocks(), execution, "encode-s", out.n_blocks, progress)
-    summary.notes.extend(notes)
-    return EncodeResult(out_url, summary)

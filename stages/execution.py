@@ -30,6 +30,7 @@ from stages.common import ClipRef, E4ERef, ExecutionConfig, GeneratorRef
 from store import Status
 
 T = TypeVar("T")
+R = TypeVar("R")
 MAX_REASON_LINES = 20  # per-row problem lines kept for the summary
 
 
@@ -329,6 +330,18 @@ def create_output(
             raise
         notes.append(f"{url}: made from other inputs or models, started over ({exc})")
         return RowStore.create(url, n_rows, rows_per_shard, arrays, attrs, mode="overwrite")
+
+
+def leased(
+    urls: Sequence[str], pass_name: str, execution: ExecutionConfig, run: Callable[[], R]
+) -> R:
+    """run() while holding the write leases of `urls` (hold_outputs); takeover notes lead
+    the result's summary notes (run() returns an object with a PassSummary `.summary`)."""
+    notes: list[str] = []
+    with hold_outputs(urls, pass_name, execution, notes.append):
+        result = run()
+    result.summary.notes[:0] = notes
+    return result
 
 
 @contextlib.contextmanager

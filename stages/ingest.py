@@ -1,14 +1,17 @@
 """Stage `ingest`: a folder of images (or webdataset tar shards) -> `<out>/manifest.zarr`.
 
-Rows are the sorted sources (relative paths, or `shard.tar::member`). The folder is
-listed first, the stores are created at their final shape, then blocks run:
+Rows are the sorted sources (relative paths, or `shard.tar::member`); ids are the
+source without its extension, so they depend on the path only (stable for unchanged
+files). The folder is listed first, then blocks run:
 
-1. scan (parallel, resumable): read each file, sha256 it, decode-verify it with a
-   bounded decoder (header size check before decoding) into a scratch store
-   `<out>/.ingest-scan.zarr`;
-2. manifest (cheap, resumable): duplicates are found over all rows (same sha256 ->
-   DUPLICATE on the later rows, earliest row stays OK), then the manifest blocks are
-   written and the scratch store removed.
+1. scan (parallel, resumable): read each file and sha256 it; bytes an earlier manifest
+   (the previous one of this dataset, or a `--reuse` one) already probed keep that
+   outcome, others are decode-verified with a bounded decoder (header size check before
+   decoding), into a scratch store `<out>/.ingest-scan.zarr`;
+2. manifest (cheap): duplicates are found over all rows (same sha256 -> DUPLICATE on the
+   later rows, earliest row stays OK); unless the rows equal the present manifest's, the
+   new manifest is written to `manifest.zarr.next` and swapped in (store.update), and the
+   scratch store is removed.
 
 Every problem is a row status plus a `reason` string, never a crash or a lost row.
 Source files are not copied: encoders read them again from `attrs.root`.
@@ -23,10 +26,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
-import fsspec
 import numpy as np
 
 from model.checkpoint import sha256_file
@@ -38,12 +41,14 @@ from stages.execution import (
     PassSummary,
     counts_of,
     create_output,
-    hold_outputs,
+    leased,
     mark_non_finite,
     prefetch_map,
     run_blocks,
 )
-from store import ArraySpec, RowStore, Status, store_url
+from stages.incremental import UpdateCounts
+from store import ArraySpec, RowStore, Status, StoreError, store_url
+from store import update as up
 
 SCAN_NAME = ".ingest-scan"
 
@@ -83,6 +88,7 @@ class IngestResult:
     scan: PassSummary
     summary: PassSummary
     lines: list[str] = field(default_factory=list)
+    counts: UpdateCounts | None = None  # rows reused / computed (probed) / dropped
 
 
 MANIFEST_ARRAYS = {
@@ -128,6 +134,7 @@ class _ScanTask:
     refused: tuple[str, ...]
     max_pixels: int
     threads: int
+    known: dict[str, tuple[int, str, tuple[int, int]]]  # sha256 -> (status, reason, size)
 
     def __call__(self, block: int) -> BlockReport:
         start = time.perf_counter()
@@ -149,6 +156,10 @@ class _ScanTask:
                     data = reader.read(src)
                 except (OSError, ValueError) as exc:
                     return Status.UNREADABLE, f"cannot read: {exc}", images.Probe("UNREADABLE")
+                sha = hashlib.sha256(data).hexdigest()
+                if sha in self.known:  # these bytes were probed by an earlier pass
+                    st, why, size = self.known[sha]
+                    return st, why, images.Probe(Status(st).name, tuple(size), sha, why)
                 got = images.probe(data, self.max_pixels)
                 return Status[got.outcome], got.reason, got
 
@@ -179,12 +190,49 @@ def _report(
     return BlockReport(block, len(status), counts, lines, seconds)
 
 
-def _fingerprint(cfg: IngestConfig, sources: list[str], refused: list[str]) -> str:
+def _scan_fingerprint(cfg: IngestConfig, sources: list[str], refused: list[str]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"max_pixels": cfg.max_pixels, "stage": "ingest"}).encode())
     for s, r in zip(sources, refused, strict=True):
         h.update(s.encode() + b"\0" + r.encode() + b"\n")
     return h.hexdigest()
+
+
+def _content_fingerprint(cfg: IngestConfig, rows: dict[str, np.ndarray]) -> str:
+    """The manifest's fingerprint: its producer settings and every row's source, bytes
+    (sha256) and outcome, so a file changed under the same name changes it."""
+    return up.rows_checksum({"max_pixels": np.array([cfg.max_pixels]), **rows})
+
+
+def known_probes(stores: list[RowStore]) -> dict[str, tuple[int, str, tuple[int, int]]]:
+    """sha256 -> (status, reason, size) of the probed rows of earlier manifests (done blocks;
+    a DUPLICATE row was probed OK). What ingest reuses instead of decoding again."""
+    known: dict[str, tuple[int, str, tuple[int, int]]] = {}
+    for rs in stores:
+        status = rs.status()
+        done = np.flatnonzero(status != Status.PENDING).tolist()
+        if not done:
+            continue
+        sha, reason, size = up.as_str(rs.read("sha256")), rs.read("reason"), rs.read("size")
+        for r in done:
+            if not sha[r]:  # never read: nothing known about its bytes
+                continue
+            st, why = int(status[r]), str(reason[r])
+            if st == Status.DUPLICATE:  # only OK rows are marked duplicates
+                st, why = int(Status.OK), ""
+            known.setdefault(str(sha[r]), (st, why, (int(size[r, 0]), int(size[r, 1]))))
+    return known
+
+
+def _manifest_difference(old: RowStore, cfg: IngestConfig) -> str | None:
+    if old.attrs.get("stage") != "ingest" or "sha256" not in old.specs:
+        return f"{old.url} is not a manifest written by ingest (stage {old.attrs.get('stage')!r})"
+    if old.attrs.get("max_pixels") != cfg.max_pixels:
+        return (
+            f"{old.url} was probed with max_pixels {old.attrs.get('max_pixels')!r}, this pass "
+            f"uses {cfg.max_pixels} (manifest fingerprint {old.fingerprint!r})"
+        )
+    return None
 
 
 def find_duplicates(sha: np.ndarray, status: np.ndarray) -> np.ndarray:
@@ -200,23 +248,26 @@ def find_duplicates(sha: np.ndarray, status: np.ndarray) -> np.ndarray:
     return dup_of
 
 
-def _remove(url: str) -> None:
-    fs, path = fsspec.core.url_to_fs(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
 def run_ingest(
     cfg: IngestConfig,
     execution: ExecutionConfig,
     overwrite: bool = False,
     progress: bool = True,
     restart_on_change: bool = False,
+    reuse: Sequence[str] = (),
 ) -> IngestResult:
-    """List `cfg.source`, scan every file, write `<out>/manifest.zarr`; resumable."""
-    notes: list[str] = []  # takeover notes of the leases come first
-    with hold_outputs([store_url(cfg.out, "manifest")], "ingest", execution, notes.append):
-        return _ingest(cfg, execution, overwrite, progress, restart_on_change, notes)
+    """List `cfg.source`, scan every file, write `<out>/manifest.zarr`; resumable.
+
+    Every file is read and hashed; a file whose bytes an earlier manifest (the previous one
+    of this dataset, or a `reuse` one) already probed is not decoded again. The new
+    manifest is written beside the old one and swapped in (store.update).
+    """
+    return leased(
+        [store_url(cfg.out, "manifest")],
+        "ingest",
+        execution,
+        lambda: _ingest(cfg, execution, overwrite, progress, restart_on_change, reuse),
+    )
 
 
 def _ingest(
@@ -225,7 +276,7 @@ def _ingest(
     overwrite: bool,
     progress: bool,
     restart_on_change: bool,
-    notes: list[str],
+    reuse: Sequence[str],
 ) -> IngestResult:
     src = Path(cfg.source)
     if not src.exists():
@@ -238,60 +289,94 @@ def _ingest(
         raise IngestError(
             f"ingest.source {cfg.source}: no images found (extensions {', '.join(cfg.extensions)})"
         )
+    start = time.perf_counter()
     sources = [e.source for e in entries]
     refused = [e.refused for e in entries]
     root = str(images.source_root(src))
     n = len(sources)
-    fp = _fingerprint(cfg, sources, refused)
-    attrs = {
+    manifest_url = store_url(cfg.out, "manifest")
+    scan_url = store_url(cfg.out, SCAN_NAME)
+    reuse_stores = [up.open_reuse(u, "manifest") for u in reuse]
+    for rs in reuse_stores:
+        why = _manifest_difference(rs, cfg)
+        if why:
+            raise up.ReuseRefused(f"--reuse {why}; nothing was written")
+    notes: list[str] = []
+    up.recover(manifest_url)
+    if overwrite:
+        for u in (manifest_url, up.next_url(manifest_url), scan_url):
+            up.remove(u)
+    old = RowStore.open(manifest_url) if up.exists(manifest_url) else None
+    if old is not None:
+        why = _manifest_difference(old, cfg)
+        if why and not restart_on_change:
+            raise StoreError(
+                f"{manifest_url}: cannot update it: {why}; rerun deltaedit ingest with "
+                f"--overwrite (or --restart-on-change) to start over"
+            )
+        if why:
+            notes.append(f"{manifest_url}: made with other settings, started over ({why})")
+    previous = [old] if old is not None and not _manifest_difference(old, cfg) else []
+    known = known_probes(previous + reuse_stores)
+    scan_attrs = {
         "stage": "ingest",
-        "fingerprint": fp,
+        "fingerprint": _scan_fingerprint(cfg, sources, refused),
         "root": root,
         "max_pixels": cfg.max_pixels,
     }
-    how = (overwrite, restart_on_change, notes)
-    manifest_url = store_url(cfg.out, "manifest")
-    scan_url = store_url(cfg.out, SCAN_NAME)
-    manifest = create_output(manifest_url, n, cfg.rows_per_shard, MANIFEST_ARRAYS, attrs, *how)
-    scan_summary = PassSummary("ingest scan", manifest.n_blocks)
-    pending = manifest.pending_blocks()
-    if pending:
-        scan = create_output(scan_url, n, cfg.rows_per_shard, SCAN_ARRAYS, attrs, *how)
-        task = _ScanTask(
-            scan_url, root, tuple(sources), tuple(refused), cfg.max_pixels, cfg.decode_threads
-        )
-        scan_summary = run_blocks(
-            task, scan.pending_blocks(), execution, "ingest", scan.n_blocks, progress
-        )
-        scan.require_complete()
-        sha = scan.read("sha256")
-        status = scan.status()
-        dup_of = find_duplicates(sha, status)
-        ids = np.array(make_ids(sources), dtype=object)
-        src_arr = np.array(sources, dtype=object)
-        for b in pending:
-            rows = manifest.block_rows(b)
-            st = status[rows].copy()
-            reason = scan.read("reason", rows).astype(object)
-            for k, d in enumerate(dup_of[rows].tolist()):
-                if d >= 0:
-                    st[k] = Status.DUPLICATE
-                    reason[k] = f"same content as {sources[d]}"
-            manifest.write_block(
-                b,
-                {
-                    "ids": ids[rows].astype(str),
-                    "source": src_arr[rows].astype(str),
-                    "sha256": sha[rows],
-                    "size": scan.read("size", rows),
-                    "reason": reason.astype(str),
-                },
-                st,
-            )
-    _remove(scan_url)
-    summary = manifest_summary(manifest, scan_summary.seconds)
+    scan = create_output(scan_url, n, cfg.rows_per_shard, SCAN_ARRAYS, scan_attrs, False, True, [])
+    task = _ScanTask(
+        scan_url, root, tuple(sources), tuple(refused), cfg.max_pixels, cfg.decode_threads, known
+    )
+    scan_summary = run_blocks(
+        task, scan.pending_blocks(), execution, "ingest", scan.n_blocks, progress
+    )
+    scan.require_complete()
+    sha = up.as_str(scan.read("sha256"))
+    status = scan.status()
+    reason = up.as_str(scan.read("reason")).astype(object)
+    dup_of = find_duplicates(sha, status)
+    for r in np.flatnonzero(dup_of >= 0).tolist():
+        status[r] = Status.DUPLICATE
+        reason[r] = f"same content as {sources[dup_of[r]]}"
+    rows = {
+        "ids": np.array(make_ids(sources), dtype=str),
+        "source": np.array(sources, dtype=str),
+        "sha256": sha,
+        "size": scan.read("size"),
+        "reason": np.array([str(x) for x in reason], dtype=str),
+    }
+    attrs = {
+        "stage": "ingest",
+        "fingerprint": _content_fingerprint(cfg, {**rows, "status": status}),
+        "root": root,
+        "max_pixels": cfg.max_pixels,
+        up.CHECKSUM: up.checksum_attr(
+            {"ids": rows["ids"], "source": rows["source"], "sha256": sha, "status": status}
+        ),
+    }
+    probed = np.array([bool(h) and h not in known for h in sha.tolist()])
+    counts = UpdateCounts(
+        int((~probed & (sha != "")).sum()),
+        int(probed.sum() + (sha == "").sum()),
+        up.dropped_rows(previous, sha) if previous else (old.n_rows if old is not None else 0),
+    )
+    if old is not None and old.attrs == attrs and old.is_complete():
+        manifest = old  # the folder did not change: nothing to write
+        up.remove(up.next_url(manifest_url))
+    else:
+        n_url = up.next_url(manifest_url)
+        nxt = create_output(n_url, n, cfg.rows_per_shard, MANIFEST_ARRAYS, attrs, False, True, [])
+        for b in nxt.pending_blocks():
+            sl = nxt.block_rows(b)
+            nxt.write_block(b, {k: v[sl] for k, v in rows.items()}, status[sl])
+        nxt.require_complete()
+        up.swap_in(manifest_url, n_url)
+        manifest = RowStore.open(manifest_url)
+    up.remove(scan_url)
+    summary = manifest_summary(manifest, time.perf_counter() - start)
     summary.notes.extend(notes)
-    return IngestResult(manifest_url, scan_summary, summary, summary.details())
+    return IngestResult(manifest_url, scan_summary, summary, summary.details(), counts)
 
 
 def manifest_summary(manifest: RowStore, seconds: float = 0.0) -> PassSummary:
@@ -474,16 +559,12 @@ def run_import_official(
     restart_on_change: bool = False,
 ) -> ImportResult:
     """DeltaEdit's published latents -> `<out>/{manifest,clip,s}.zarr`; resumable."""
-    notes: list[str] = []  # takeover notes of the leases come first
-    with hold_outputs(
+    return leased(
         [store_url(cfg.out, n) for n in ("manifest", "clip", "s")],
         "import-official",
         execution,
-        notes.append,
-    ):
-        return _import_official(
-            cfg, generator, execution, overwrite, progress, restart_on_change, notes
-        )
+        lambda: _import_official(cfg, generator, execution, overwrite, progress, restart_on_change),
+    )
 
 
 def _import_official(
@@ -493,7 +574,6 @@ def _import_official(
     overwrite: bool,
     progress: bool,
     restart_on_change: bool,
-    notes: list[str],
 ) -> ImportResult:
     from stages.common import resolve_device
 
@@ -546,6 +626,7 @@ def _import_official(
     files = [p for p in (cfg.sspace, cfg.cspace, cfg.wspace) if p]
     files_fp = file_fingerprint(files)
     tag = Path(cfg.sspace).name
+    notes: list[str] = []
     how = (overwrite, restart_on_change, notes)
     rps = cfg.rows_per_shard
     common = {"stage": "import-official", "files": [Path(p).name for p in files]}

@@ -92,6 +92,9 @@ class TrainConfig:
     # S channels the mapper predicts: "conv" (DeltaEdit: toRGB styles stay the source's)
     # or "all" (conv + toRGB; recorded in the mapper's config, the edit follows it)
     channels: str = "conv"
+    # a finished mapper whose stores gained or lost rows since: false = keep it and say it is
+    # stale (how many rows changed); true = train again (also `deltaedit train --retrain`)
+    retrain: bool = False
 
     def validate(self) -> None:
         require(len(self.stores) >= 1, "stores", list(self.stores), "at least one store root")
@@ -622,6 +625,11 @@ def _run(
     state_path = state_path_for(out)
     data = open_dataset(cfg)
     conv = data.layout.mapper_layout(cfg.channels).conv_index()
+    rows = trained_rows(data)
+    if not resume and not cfg.retrain:
+        kept = _kept_mapper(cfg, data, rows, state_path, log)
+        if kept is not None:
+            return kept
 
     torch.manual_seed(cfg.seed)
     mapper = DeltaMapper(data.layout, data.clip_dim, cfg.channels).to(device)
@@ -646,6 +654,7 @@ def _run(
         "clip_dim": data.clip_dim,
         "clip_fingerprint": data.clip_fingerprint,
         "generator_fingerprint": data.generator_fingerprint,
+        "rows": rows,
     }
     start, history = 0, []
     if resume:
@@ -689,7 +698,8 @@ def _run(
 
     def checkpoint(step: int, sampler_state: dict) -> None:
         save_train_state(state_path, mapper, opt, step, sampler_state, meta | {"history": history})
-        extra = meta | {"step": step, "metrics": history[-1] if history else {}}
+        extra = {k: v for k, v in meta.items() if k != "rows"}  # the keys stay in the state
+        extra |= {"step": step, "metrics": history[-1] if history else {}}
         save_mapper(mapper, out, extra=extra)
 
     def validate(step: int) -> dict[str, float]:
@@ -788,6 +798,67 @@ def _run(
         data_wait_fraction=wait_frac,
         sampler_mode=sampler.mode,
     )
+
+
+def trained_rows(data: Dataset) -> list[list[str]]:
+    """Per store, the sorted keys of its ok rows (training + held-out): the sha256 of each
+    row's source bytes, or `row:<i>` for stores without keys (sampled rows)."""
+    from store import update as up
+
+    out = []
+    for src, held in zip(data.sources, data.held_out, strict=True):
+        rows = np.concatenate([src.rows, held])
+        if up.KEY in src.s.specs:
+            keys = up.as_str(src.s.read(up.KEY, rows))
+        else:
+            keys = np.array([f"row:{r}" for r in rows.tolist()], dtype=str)
+        out.append(sorted(keys.tolist()))
+    return out
+
+
+def _kept_mapper(
+    cfg: TrainConfig,
+    data: Dataset,
+    rows: list[list[str]],
+    state_path: Path,
+    log: Callable[[str], None],
+) -> TrainResult | None:
+    """The finished mapper at cfg.out when it was trained with these params and stores:
+    kept (None = train). Says how many rows changed since, if any (a stale mapper)."""
+    out = Path(cfg.out)
+    meta_path = state_path.with_suffix(".json")
+    if not (out.exists() and state_path.exists() and meta_path.exists()):
+        return None
+    try:
+        saved = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    same = (
+        saved.get("train") == cfg.trajectory()
+        and saved.get("layout") == data.layout.to_dict()
+        and saved.get("clip_fingerprint") == data.clip_fingerprint
+        and saved.get("step") == cfg.iterations
+        and isinstance(saved.get("rows"), list)
+        and len(saved["rows"]) == len(rows)
+    )
+    if not same:
+        return None
+    added = removed = 0
+    for old, new in zip(saved["rows"], rows, strict=True):
+        old_set, new_set = set(old), set(new)
+        added += len(new_set - old_set)
+        removed += len(old_set - new_set)
+    n_old = sum(len(r) for r in saved["rows"])
+    if added or removed:
+        log(
+            f"train: {out} is stale: {added} rows added, {removed} removed since it was trained "
+            f"on {n_old} rows; kept (train again with --retrain or train.retrain: true)"
+        )
+    else:
+        log(f"train: {out} is up to date (trained on these {n_old} rows); nothing to do")
+    history = list(saved.get("history", []))
+    last = history[-1] if history else {}
+    return TrainResult(str(out), str(state_path), int(saved["step"]), [], last, history)
 
 
 def _first_diff(saved: Any, now: Any) -> str:

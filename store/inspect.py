@@ -11,6 +11,7 @@ import numpy as np
 from store.errors import NotAStore, StoreError
 from store.rowstore import DONE, STATUS, RowStore, _hint, _is_str_dtype
 from store.status import Status, status_counts
+from store.update import verify_checksum
 
 
 def find_stores(path: str) -> list[str]:
@@ -95,7 +96,8 @@ def verify_store(rs: RowStore, progress: Callable[[int], None] | None = None) ->
 
     Checks: every array has N rows, its declared tail and dtype, and shards of one block;
     provenance (fingerprint) on every array; no pending blocks; done blocks hold no PENDING
-    rows; no NaN/Inf in ok rows of float arrays.
+    rows; no NaN/Inf in ok rows of float arrays; the key arrays (row sources, sha256,
+    status) still hash to the checksum the pass recorded (no hand edits).
     """
     reasons: list[str] = []
     fp = rs.attrs.get("fingerprint")
@@ -161,6 +163,9 @@ def verify_store(rs: RowStore, progress: Callable[[int], None] | None = None) ->
         )
     for name, n_bad in bad_values.items():
         reasons.append(f"array {name!r}: {n_bad} ok rows hold NaN or Inf")
+    edited = verify_checksum(rs)
+    if edited:
+        reasons.append(edited)
     return reasons
 
 

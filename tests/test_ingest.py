@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -24,7 +25,7 @@ from stages.ingest import (
     run_import_official,
     run_ingest,
 )
-from store import FingerprintMismatch, RowStore, Status
+from store import RowStore, Status, StoreError
 
 EXEC = ExecutionConfig(workers=2)
 
@@ -104,23 +105,28 @@ def test_color_modes_are_kept_not_rejected(tmp_path):
         assert got[f"modes/{name}"] == Status.OK
 
 
-def test_rerun_resumes_and_changed_folder_needs_overwrite(tmp_path):
+def test_rerun_reuses_probes_and_a_grown_folder_updates_in_place(tmp_path):
     src, _ = _folder(tmp_path)
     cfg = IngestConfig(source=str(src), out=str(tmp_path / "ds"), rows_per_shard=4)
     first = run_ingest(cfg, EXEC, progress=False)
     before = RowStore.open(first.manifest).read("sha256")
     again = run_ingest(cfg, EXEC, progress=False)
-    assert again.scan.blocks_run == 0  # nothing redone
+    assert again.counts.reused == int((before != "").sum()) and again.counts.dropped == 0
     assert np.array_equal(RowStore.open(again.manifest).read("sha256"), before)
     (src / "new.png").write_bytes((src / "good/b.png").read_bytes())
-    with pytest.raises(FingerprintMismatch):
-        run_ingest(cfg, EXEC, progress=False)
-    redone = run_ingest(cfg, EXEC, progress=False, restart_on_change=True)
-    assert any("started over" in ln for ln in redone.lines)
-    m = RowStore.open(redone.manifest)
+    grown = run_ingest(cfg, EXEC, progress=False)  # no error: the change is in the rows
+    assert not any("started over" in ln for ln in grown.lines)
+    assert grown.counts.dropped == 0 and grown.counts.reused == again.counts.reused + 1
+    m = RowStore.open(grown.manifest)
     assert "new.png" in m.read("source").tolist()
     st = dict(zip(m.read("source").tolist(), m.status().tolist(), strict=True))
     assert st["new.png"] == Status.DUPLICATE  # same bytes as good/b.png, which sorts first
+    with pytest.raises(StoreError, match="max_pixels"):
+        run_ingest(dataclasses.replace(cfg, max_pixels=10), EXEC, progress=False)
+    redone = run_ingest(
+        dataclasses.replace(cfg, max_pixels=10), EXEC, progress=False, restart_on_change=True
+    )
+    assert any("started over" in ln for ln in redone.lines)
 
 
 def test_ingest_of_one_tar_shard_reads_members_in_place(tmp_path):

@@ -178,10 +178,12 @@ def test_encode_clip_killed_and_rerun_is_bitwise_equal(tmp_path):
     common = ["--params", os.devnull, "-q", "--set", "execution.batch_size=2"]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     assert CliRunner().invoke(main, ["encode-clip", "--dataset", str(ref), *common]).exit_code == 0
+    # the model pass writes the compute store (rows to encode, compacted), then clip.zarr is
+    # assembled from it and swapped in (stages.incremental)
     done = _kill_after_some_blocks(
-        ["encode-clip", "--dataset", str(killed), *common], killed / "clip.zarr"
+        ["encode-clip", "--dataset", str(killed), *common], killed / "clip.zarr.compute"
     )
-    n_blocks = RowStore.open(str(killed / "clip.zarr")).n_blocks
+    n_blocks = RowStore.open(str(killed / "clip.zarr.compute")).n_blocks
     assert 2 <= done < n_blocks, "the pass must be killed part way"
     subprocess.run(_cli(["encode-clip", "--dataset", str(killed), *common]), check=True)
     a = RowStore.open(str(ref / "clip.zarr"), require_complete=True)

@@ -15,17 +15,10 @@ import click
 from model.checkpoint import CheckpointError
 from pipeline.common import config, lease_option, load, os_error_line, params_options
 from stages.common import ClipRef, E4ERef, ExecutionConfig, GeneratorRef
-from stages.encode_clip import EncodeClipConfig, run_encode_clip
-from stages.encode_s import EncodeSConfig, EncodeSError, run_encode_s
-from stages.ingest import (
-    ImportOfficialConfig,
-    IngestConfig,
-    IngestError,
-    run_import_official,
-    run_ingest,
-)
-from stages.sample import SampleConfig, run_sample
 from store import StoreError
+
+# The stage modules (torch, open_clip) are imported inside each command, so a command
+# that finds nothing to do (`deltaedit ingest` over an unchanged folder) starts fast.
 
 COMMANDS: list[click.Command] = []
 
@@ -35,24 +28,35 @@ _overwrite = click.option(
 _restart = click.option(
     "--restart-on-change",
     is_flag=True,
-    help="Resume when the output was made from the same inputs and models, else start over "
-    "(for dvc repro after a params change; default: stop with an error naming the change).",
+    help="Start over when the output was made with other models or preprocessing (for dvc "
+    "repro after a params change; default: stop with an error naming the change). A changed "
+    "folder never needs it: unchanged rows are reused, new or changed ones computed.",
 )
 _quiet = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+_reuse = click.option(
+    "--reuse",
+    multiple=True,
+    metavar="STORE",
+    help="Also reuse rows (by source bytes) of this store or dataset folder, made with the "
+    "same models and preprocessing (repeatable; refused otherwise).",
+)
 
 
-def _run(func: Callable[[], Any]) -> Any:
-    """Run a stage; bad input and store problems become one-line CLI errors."""
+def _run(func: Callable[[], Any], *errors: type[Exception]) -> Any:
+    """Run a stage; bad input (`errors`: the stage's own error classes) and store problems
+    become one-line CLI errors."""
     try:
         return func()
-    except (StoreError, IngestError, EncodeSError, CheckpointError) as exc:
+    except (StoreError, CheckpointError, *errors) as exc:
         raise click.ClickException(str(exc).splitlines()[0] if str(exc) else repr(exc)) from None
     except OSError as exc:  # an output path that cannot be written, a file gone missing
         raise click.ClickException(os_error_line(exc)) from None
 
 
-def _echo_summary(summary, details: list[str] | None = None) -> None:
+def _echo_summary(summary, details: list[str] | None = None, counts=None) -> None:
     click.echo(summary.line())
+    if counts is not None:
+        click.echo(counts.line(summary.name))
     for line in details if details is not None else summary.details():
         click.echo(f"  {line}")
 
@@ -62,6 +66,7 @@ def _echo_summary(summary, details: list[str] | None = None) -> None:
 @click.option("--out", help="Dataset folder for manifest.zarr [params ingest.out].")
 @_overwrite
 @_restart
+@_reuse
 @_quiet
 @lease_option
 @params_options
@@ -70,6 +75,7 @@ def ingest_cmd(
     out: str | None,
     overwrite: bool,
     restart_on_change: bool,
+    reuse: tuple[str, ...],
     quiet: bool,
     params_path: str,
     sets,
@@ -79,11 +85,16 @@ def ingest_cmd(
     Every file is hashed and decode-checked; bad files become rows with a status
     (unreadable, too large, duplicate ...) listed in the summary, never a crash.
     """
+    from stages.ingest import IngestConfig, IngestError, run_ingest
+
     params = load(params_path, sets, {"ingest.source": source, "ingest.out": out})
     cfg = config(params, "ingest", IngestConfig)
     execution = config(params, "execution", ExecutionConfig)
-    result = _run(lambda: run_ingest(cfg, execution, overwrite, not quiet, restart_on_change))
-    _echo_summary(result.summary, result.lines)
+    result = _run(
+        lambda: run_ingest(cfg, execution, overwrite, not quiet, restart_on_change, reuse),
+        IngestError,
+    )
+    _echo_summary(result.summary, result.lines, result.counts)
     click.echo(f"wrote {result.manifest}")
 
 
@@ -115,6 +126,8 @@ def import_official_cmd(
         "import_official.wspace": wspace,
         "import_official.out": out,
     }
+    from stages.ingest import ImportOfficialConfig, IngestError, run_import_official
+
     params = load(params_path, sets, flags)
     cfg = config(params, "import_official", ImportOfficialConfig)
     generator = config(params, "generator", GeneratorRef)
@@ -122,7 +135,8 @@ def import_official_cmd(
     result = _run(
         lambda: run_import_official(
             cfg, generator, execution, overwrite, not quiet, restart_on_change
-        )
+        ),
+        IngestError,
     )
     _echo_summary(result.summary, result.lines)
     kind = "conv-only S (layout recorded)" if result.conv_only else "full S"
@@ -133,6 +147,7 @@ def import_official_cmd(
 @click.option("--dataset", help="Dataset folder holding manifest.zarr [encode_clip.dataset].")
 @_overwrite
 @_restart
+@_reuse
 @_quiet
 @lease_option
 @params_options
@@ -140,19 +155,24 @@ def encode_clip_cmd(
     dataset: str | None,
     overwrite: bool,
     restart_on_change: bool,
+    reuse: tuple[str, ...],
     quiet: bool,
     params_path: str,
     sets,
 ) -> None:
     """CLIP image embeddings of every OK manifest row -> <dataset>/clip.zarr."""
+    from stages.encode_clip import EncodeClipConfig, run_encode_clip
+
     params = load(params_path, sets, {"encode_clip.dataset": dataset})
     cfg = config(params, "encode_clip", EncodeClipConfig)
     clip_ref = config(params, "clip", ClipRef)
     execution = config(params, "execution", ExecutionConfig)
     result = _run(
-        lambda: run_encode_clip(cfg, clip_ref, execution, overwrite, not quiet, restart_on_change)
+        lambda: run_encode_clip(
+            cfg, clip_ref, execution, overwrite, not quiet, restart_on_change, reuse
+        )
     )
-    _echo_summary(result.summary)
+    _echo_summary(result.summary, counts=result.counts)
     click.echo(f"wrote {result.out}")
 
 
@@ -160,6 +180,7 @@ def encode_clip_cmd(
 @click.option("--dataset", help="Dataset folder holding manifest.zarr [encode_s.dataset].")
 @_overwrite
 @_restart
+@_reuse
 @_quiet
 @lease_option
 @params_options
@@ -167,11 +188,14 @@ def encode_s_cmd(
     dataset: str | None,
     overwrite: bool,
     restart_on_change: bool,
+    reuse: tuple[str, ...],
     quiet: bool,
     params_path: str,
     sets,
 ) -> None:
     """e4e inversion of every OK manifest row -> W+ -> S -> <dataset>/s.zarr."""
+    from stages.encode_s import EncodeSConfig, EncodeSError, run_encode_s
+
     params = load(params_path, sets, {"encode_s.dataset": dataset})
     cfg = config(params, "encode_s", EncodeSConfig)
     generator = config(params, "generator", GeneratorRef)
@@ -179,10 +203,11 @@ def encode_s_cmd(
     execution = config(params, "execution", ExecutionConfig)
     result = _run(
         lambda: run_encode_s(
-            cfg, generator, e4e, execution, overwrite, not quiet, restart_on_change
-        )
+            cfg, generator, e4e, execution, overwrite, not quiet, restart_on_change, reuse
+        ),
+        EncodeSError,
     )
-    _echo_summary(result.summary)
+    _echo_summary(result.summary, counts=result.counts)
     click.echo(f"wrote {result.out}")
 
 
@@ -206,6 +231,8 @@ def sample_cmd(
     sets,
 ) -> None:
     """Synthetic rows: z -> W+ -> S -> render -> CLIP, into <out>/{manifest,clip,s}.zarr."""
+    from stages.sample import SampleConfig, run_sample
+
     params = load(params_path, sets, {"sample.n": n, "sample.seed": seed, "sample.out": out})
     cfg = config(params, "sample", SampleConfig)
     generator = config(params, "generator", GeneratorRef)
