@@ -16,8 +16,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from stages.world import SHAPES, SIZES, WorldConfig, render_many, scenes
+from stages.world_eval import render_s
 from stages.world_judge import FIT_MARGIN, FIT_MIN, UNCLEAR, judge_images
-from stages.world_sspace import encode_s, render_s_uint8
+from stages.world_sspace import encode_s
 
 
 def fit_stats(readings, truth) -> dict:
@@ -76,7 +77,7 @@ def main() -> None:
     }
     G = load_generator(args.generator or f"{args.weights}/generator.safetensors")
     E = load_e4e(args.e4e or f"{args.weights}/e4e.safetensors")
-    rec = render_s_uint8(G, encode_s(G, E, clean))
+    rec = render_s(G, encode_s(G, E, clean))
     rr = judge_images(rec, world)
     report["reconstructions"] = fit_stats(rr, truth)
     print(json.dumps(report, indent=1))

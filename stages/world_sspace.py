@@ -23,7 +23,7 @@ import torch
 
 from model.layout import LEVELS
 from stages.world import WorldConfig, counterfactual, render_many, scenes, to_unit
-from stages.world_eval import evaluate_edits
+from stages.world_eval import evaluate_edits, render_s
 from stages.world_judge import judge_images
 
 FAMILIES: tuple[tuple[str, str], ...] = (
@@ -61,7 +61,8 @@ def s_space_report(
     out: dict[str, Any] = {"n_rows": n_rows, "families": {}}
     for attribute, value in FAMILIES:
         cf = [counterfactual(s, attribute, value) for s in rows]
-        delta = encode_s(G, E, render_many(cf, held))[:, conv] - s_src[:, conv]  # [N, Dconv]
+        s_cf = encode_s(G, E, render_many(cf, held))  # [N, D], encoded once
+        delta = s_cf[:, conv] - s_src[:, conv]  # [N, Dconv]
 
         def edited(d: np.ndarray) -> np.ndarray:
             s = s_src.copy()
@@ -112,15 +113,9 @@ def s_space_report(
             for i in order[:5]
         ]
         out["families"][f"{attribute}={value}"] = fam
-    rec = judge_images(render_s_uint8(G, s_src), held)
+    rec = judge_images(render_s(G, s_src), held)
     out["judge_on_reconstructions"] = {
         a: float(np.mean([getattr(r, a) == getattr(s, a) for r, s in zip(rec, rows, strict=True)]))
         for a in ("shape", "color", "background", "size")
     }
     return out
-
-
-def render_s_uint8(G: Any, s: np.ndarray) -> np.ndarray:
-    from stages.world_eval import render_s
-
-    return render_s(G, s)

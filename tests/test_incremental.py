@@ -21,6 +21,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 from PIL import Image
+from test_store_resume import snapshot
 
 from pipeline.cli import main
 from stages import encode_clip, encode_s
@@ -70,20 +71,6 @@ def run_all(src: Path, ds: Path, **kw) -> dict:
     out["s"] = run_encode_s(
         EncodeSConfig(dataset=str(ds)), GeneratorRef(), E4ERef(), EXEC, progress=False, **kw
     )
-    return out
-
-
-def snapshot(url: Path) -> dict[str, bytes]:
-    g = zarr.open_group(str(url), mode="r")
-    out = {}
-    for name in sorted(g.array_keys()):
-        values = g[name][...]
-        out[name] = (
-            "\x00".join(map(str, values.tolist())).encode()
-            if values.dtype.kind in "UTO"
-            else values.tobytes()
-        )
-    out["attrs"] = repr(sorted(dict(g.attrs).items())).encode()
     return out
 
 
