@@ -265,13 +265,27 @@ def recover(url: str) -> None:
         fs.mv(prev, final, recursive=True)
 
 
+def _move_tree(fs, src: str, dst: str) -> None:
+    """A folder renamed locally; on object storage (no rename, and s3fs's recursive mv
+    copies keys it listed as folders) every object copied, then the source deleted."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+    if "file" in protocols or "local" in protocols:
+        fs.mv(src, dst, recursive=True)
+        return
+    fs.invalidate_cache()
+    for key in fs.find(src):
+        fs.copy(key, dst + key[len(src) :])
+    fs.rm(src, recursive=True)
+    fs.invalidate_cache()
+
+
 def swap_in(url: str, new_url: str) -> None:
     """final -> .prev, new -> final, .prev deleted (each step a rename; see recover)."""
     fs, final = fsspec.core.url_to_fs(str(url))
     _, new = fsspec.core.url_to_fs(str(new_url))
     _, prev = fsspec.core.url_to_fs(_prev(url))
     if fs.exists(final):
-        fs.mv(final, prev, recursive=True)
-    fs.mv(new, final, recursive=True)
+        _move_tree(fs, final, prev)
+    _move_tree(fs, new, final)
     if fs.exists(prev):
         fs.rm(prev, recursive=True)
