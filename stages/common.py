@@ -2,25 +2,42 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from stages.config import require
 
 
 @dataclass(frozen=True)
 class ExecutionConfig:
-    """`execution:` in params. Device auto = cuda when present, else cpu."""
+    """`execution:` in params. Device auto = cuda when present, else cpu.
+
+    storage_options: fsspec keyword arguments for every URL the pipeline reads or writes
+    (s3fs: endpoint_url, key, secret, anon, profile, client_kwargs, ...); they reach the
+    client and, inside every task, each Dask worker. Local paths ignore them.
+    """
 
     device: str = "auto"
     scheduler_address: str | None = None  # a dask.distributed scheduler; None = local
     workers: int = 1  # local scheduler threads/processes for encoder passes
     batch_size: int = 64
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    connect_timeout_s: float = 10.0  # a scheduler that does not answer: error after this
+    worker_timeout_s: float = 120.0  # no worker left for this long: the pass stops (resumable)
 
     def validate(self) -> None:
         check_device(self.device)
         require(self.workers >= 1, "workers", self.workers, "an integer >= 1")
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        require(
+            self.connect_timeout_s > 0, "connect_timeout_s", self.connect_timeout_s, "seconds > 0"
+        )
+        require(self.worker_timeout_s > 0, "worker_timeout_s", self.worker_timeout_s, "seconds > 0")
+        for k in self.storage_options:
+            require(isinstance(k, str) and bool(k), "storage_options", k, "string keys")
+
+    def __hash__(self) -> int:  # storage_options is a dict: hash the rest
+        return hash((self.device, self.scheduler_address, self.workers, self.batch_size))
 
 
 def check_device(device: str, key: str = "device") -> None:

@@ -36,6 +36,7 @@ import torch
 from model.layout import LEVELS, SLayout
 from stages.common import ClipRef, ExecutionConfig, resolve_device
 from stages.config import ConfigError, require
+from store.fs import check_reachable
 
 Method = Literal["mapper", "global-direction"]
 NEUTRAL_BY_KIND = {"faces": "face", "cats": "cat", "shapes": "shape"}
@@ -489,12 +490,12 @@ class Relevance:
     attrs: dict
 
 
-def load_relevance(url: str) -> Relevance:
+def load_relevance(url: str, storage_options: dict | None = None) -> Relevance:
     from stages.relevance import read_relevance
     from store import StoreError
 
     try:
-        return read_relevance(url)
+        return read_relevance(url, storage_options)
     except StoreError as exc:
         raise EditError(
             f"the beta mask (beta > 0) and the global-direction method need the relevance "
@@ -566,9 +567,11 @@ def run(
     if not edits:
         raise EditError("no edits: list them under edit.edits in params or pass --target")
     device = resolve_device(execution.device)
+    so = execution.storage_options
+    check_reachable(cfg.out_dir, so)
     urls = dataset_urls(cfg.store)
-    s_store = RowStore.open(urls["s"])
-    c_store = RowStore.open(urls["clip"])
+    s_store = RowStore.open(urls["s"], storage_options=so)
+    c_store = RowStore.open(urls["clip"], storage_options=so)
     if c_store.n_rows != s_store.n_rows:
         raise EditError(
             f"{urls['clip']} has {c_store.n_rows} rows, {urls['s']} has {s_store.n_rows}"
@@ -582,7 +585,7 @@ def run(
     # --- everything checked before any work ---
     mapper, mapper_cfg = None, {}
     if cfg.method == "mapper":
-        mapper, mapper_cfg = _load_mapper(cfg.mapper, layout, clip.embed_dim)
+        mapper, mapper_cfg = _load_mapper(cfg.mapper, layout, clip.embed_dim, so)
         check_mapper(mapper, mapper_cfg, layout, clip, c_store.attrs)
         mapper = mapper.to(device).eval()
     # the channels the edit moves: the mapper's (conv, or all with train.channels all)
@@ -590,9 +593,9 @@ def run(
     relevance = None
     need_rel = cfg.method == "global-direction" or any(e.beta > 0 for e in edits)
     if need_rel:
-        relevance = load_relevance(cfg.relevance)
+        relevance = load_relevance(cfg.relevance, so)
         check_relevance(relevance, layout, clip)
-    manifest_ids = _manifest_ids(urls["manifest"], s_store.n_rows)
+    manifest_ids = _manifest_ids(urls["manifest"], s_store.n_rows, so)
     ok = np.intersect1d(s_store.ok_rows(), c_store.ok_rows())
     rows = select_rows(cfg.select, ok, s_store.n_rows, manifest_ids)
     if len(rows) == 0:
@@ -616,12 +619,12 @@ def run(
         spec = {"s": ArraySpec((layout.dim,), "float32")}
         try:
             out = RowStore.create(
-                url, s_store.n_rows, s_store.rows_per_shard, spec, attrs, mode="resume"
+                url, s_store.n_rows, s_store.rows_per_shard, spec, attrs, "resume", so
             )
         except FingerprintMismatch:
             log(f"edit {edit.name}: prompts or models changed, rewriting {url}")
             out = RowStore.create(
-                url, s_store.n_rows, s_store.rows_per_shard, spec, attrs, mode="overwrite"
+                url, s_store.n_rows, s_store.rows_per_shard, spec, attrs, "overwrite", so
             )
         gd = None
         if cfg.method == "global-direction":
@@ -746,34 +749,41 @@ def _dirs(rel: Relevance | None) -> torch.Tensor | None:
     return None if rel is None else rel.directions
 
 
-def _load_mapper(path: str, layout: SLayout, clip_dim: int) -> tuple[Any, dict]:
+def _load_mapper(
+    path: str, layout: SLayout, clip_dim: int, storage_options: dict | None = None
+) -> tuple[Any, dict]:
     """This project's safetensors (its config says what it was trained for), or an official
-    .pth state dict (no config: built for the store's layout and the CLIP's size)."""
+    .pth state dict (no config: built for the store's layout and the CLIP's size). `path`
+    may be a URL (copied to a temp folder with its .json first)."""
+    import tempfile
     from pathlib import Path
 
     from model.mapper import load_mapper
+    from store.fs import exists, fetch_local
 
-    if not Path(path).exists():
+    if not exists(path, storage_options):
         raise EditError(f"{path}: no mapper checkpoint (run `deltaedit train` first)")
-    if path.endswith(".safetensors"):
-        mapper = load_mapper(path)
-    else:
-        mapper = load_mapper(path, layout=layout, clip_dim=clip_dim)
-    cfg: dict = {}
-    side = Path(path).with_suffix(".json")
-    if side.exists():
-        try:
-            cfg = json.loads(side.read_text())
-        except json.JSONDecodeError:
-            cfg = {}
+    with tempfile.TemporaryDirectory(prefix="deltaedit-mapper-") as tmp:
+        local = fetch_local(path, tmp, storage_options, sidecars=(".json",))
+        if path.endswith(".safetensors"):
+            mapper = load_mapper(local)
+        else:
+            mapper = load_mapper(local, layout=layout, clip_dim=clip_dim)
+        cfg: dict = {}
+        side = Path(local).with_suffix(".json")
+        if side.exists():
+            try:
+                cfg = json.loads(side.read_text())
+            except json.JSONDecodeError:
+                cfg = {}
     return mapper, cfg
 
 
-def _manifest_ids(url: str, n_rows: int) -> np.ndarray | None:
+def _manifest_ids(url: str, n_rows: int, storage_options: dict | None = None) -> np.ndarray | None:
     from store import RowStore, StoreError
 
     try:
-        m = RowStore.open(url)
+        m = RowStore.open(url, storage_options=storage_options)
     except (StoreError, FileNotFoundError):
         return None
     if m.n_rows != n_rows or "ids" not in m.array_names:

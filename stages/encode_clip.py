@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,11 +27,13 @@ from stages.execution import (
     BlockReport,
     PassSummary,
     create_output,
+    for_workers,
     load_clip_ref,
     prefetch_map,
     run_blocks,
 )
 from store import ArraySpec, RowStore, Status, store_url
+from store.fs import absolute
 
 
 @dataclass(frozen=True)
@@ -197,12 +199,13 @@ class _ClipTask:
     device: str
     batch_size: int
     decode_threads: int
+    storage_options: dict = field(default_factory=dict)
 
     def __call__(self, block: int) -> BlockReport:
         device = resolve_device(self.device)  # on the worker: auto = its own GPU if any
         start = time.perf_counter()
-        manifest = RowStore.open(self.manifest_url)
-        out = RowStore.open(self.out_url)
+        manifest = RowStore.open(self.manifest_url, storage_options=self.storage_options)
+        out = RowStore.open(self.out_url, storage_options=self.storage_options)
         clip = load_clip_ref(self.clip, device)
         prep = self.clip.preprocessing
         rows = out.block_rows(block)
@@ -236,8 +239,9 @@ def run_encode_clip(
     """Encode every OK manifest row of `cfg.dataset` into `<dataset>/clip.zarr`; resumable
     (see execution.create_output for overwrite / restart_on_change)."""
     device = resolve_device(execution.device)
+    so = execution.storage_options
     manifest_url = store_url(cfg.dataset, "manifest")
-    manifest = RowStore.open(manifest_url, require_complete=True)
+    manifest = RowStore.open(manifest_url, require_complete=True, storage_options=so)
     clip = load_clip_ref(clip_ref, device)
     attrs = {
         "stage": "encode-clip",
@@ -259,9 +263,16 @@ def run_encode_clip(
         overwrite,
         restart_on_change,
         notes,
+        so,
     )
     task = _ClipTask(
-        manifest_url, out_url, clip_ref, execution.device, execution.batch_size, cfg.decode_threads
+        absolute(manifest_url),
+        absolute(out_url),
+        for_workers(clip_ref),
+        execution.device,
+        execution.batch_size,
+        cfg.decode_threads,
+        dict(so),
     )
     summary = run_blocks(
         task, out.pending_blocks(), execution, "encode-clip", out.n_blocks, progress

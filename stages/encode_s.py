@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,11 +23,13 @@ from stages.encode_clip import EncodeResult, assemble, counts_of, encode_image_b
 from stages.execution import (
     BlockReport,
     create_output,
+    for_workers,
     load_e4e_ref,
     load_generator_ref,
     run_blocks,
 )
 from store import ArraySpec, RowStore, store_url
+from store.fs import absolute
 
 
 @dataclass(frozen=True)
@@ -72,12 +74,13 @@ class _STask:
     batch_size: int
     decode_threads: int
     keep_wplus: bool
+    storage_options: dict = field(default_factory=dict)
 
     def __call__(self, block: int) -> BlockReport:
         device = resolve_device(self.device)  # on the worker: auto = its own GPU if any
         start = time.perf_counter()
-        manifest = RowStore.open(self.manifest_url)
-        out = RowStore.open(self.out_url)
+        manifest = RowStore.open(self.manifest_url, storage_options=self.storage_options)
+        out = RowStore.open(self.out_url, storage_options=self.storage_options)
         G = load_generator_ref(self.generator, device)
         enc = load_e4e_ref(self.e4e, device)
         rows = out.block_rows(block)
@@ -119,8 +122,9 @@ def run_encode_s(
 ) -> EncodeResult:
     """Invert every OK manifest row of `cfg.dataset` into `<dataset>/s.zarr`; resumable."""
     device = resolve_device(execution.device)
+    so = execution.storage_options
     manifest_url = store_url(cfg.dataset, "manifest")
-    manifest = RowStore.open(manifest_url, require_complete=True)
+    manifest = RowStore.open(manifest_url, require_complete=True, storage_options=so)
     G = load_generator_ref(generator, device)
     enc = load_e4e_ref(e4e, device)
     if (enc.n_latent, enc.w_dim) != (G.n_latent, G.w_dim):
@@ -151,16 +155,18 @@ def run_encode_s(
         overwrite,
         restart_on_change,
         notes,
+        so,
     )
     task = _STask(
-        manifest_url,
-        out_url,
-        generator,
-        e4e,
+        absolute(manifest_url),
+        absolute(out_url),
+        for_workers(generator),
+        for_workers(e4e),
         execution.device,
         execution.batch_size,
         cfg.decode_threads,
         cfg.keep_wplus,
+        dict(so),
     )
     summary = run_blocks(task, out.pending_blocks(), execution, "encode-s", out.n_blocks, progress)
     summary.notes.extend(notes)

@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import fsspec
 import numpy as np
 
 from model.checkpoint import sha256_file
@@ -35,6 +34,7 @@ from stages.common import ExecutionConfig, GeneratorRef
 from stages.config import require
 from stages.execution import BlockReport, PassSummary, create_output, prefetch_map, run_blocks
 from store import ArraySpec, RowStore, Status, store_url
+from store import fs as storefs
 
 SCAN_NAME = ".ingest-scan"
 
@@ -119,10 +119,11 @@ class _ScanTask:
     refused: tuple[str, ...]
     max_pixels: int
     threads: int
+    storage_options: dict = field(default_factory=dict)
 
     def __call__(self, block: int) -> BlockReport:
         start = time.perf_counter()
-        scan = RowStore.open(self.url)
+        scan = RowStore.open(self.url, storage_options=self.storage_options)
         rows = scan.block_rows(block)
         n = rows.stop - rows.start
         sha = np.full(n, "", dtype=object)
@@ -191,12 +192,6 @@ def find_duplicates(sha: np.ndarray, status: np.ndarray) -> np.ndarray:
     return dup_of
 
 
-def _remove(url: str) -> None:
-    fs, path = fsspec.core.url_to_fs(url)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
 def run_ingest(
     cfg: IngestConfig,
     execution: ExecutionConfig,
@@ -229,6 +224,9 @@ def run_ingest(
     }
     notes: list[str] = []
     how = (overwrite, restart_on_change, notes)
+    so = execution.storage_options
+    how = (*how, so)
+    storefs.check_reachable(cfg.out, so)
     manifest_url = store_url(cfg.out, "manifest")
     scan_url = store_url(cfg.out, SCAN_NAME)
     manifest = create_output(manifest_url, n, cfg.rows_per_shard, MANIFEST_ARRAYS, attrs, *how)
@@ -237,7 +235,13 @@ def run_ingest(
     if pending:
         scan = create_output(scan_url, n, cfg.rows_per_shard, SCAN_ARRAYS, attrs, *how)
         task = _ScanTask(
-            scan_url, root, tuple(sources), tuple(refused), cfg.max_pixels, cfg.decode_threads
+            storefs.absolute(scan_url),
+            root,
+            tuple(sources),
+            tuple(refused),
+            cfg.max_pixels,
+            cfg.decode_threads,
+            dict(so),
         )
         scan_summary = run_blocks(
             task, scan.pending_blocks(), execution, "ingest", scan.n_blocks, progress
@@ -267,7 +271,7 @@ def run_ingest(
                 },
                 st,
             )
-    _remove(scan_url)
+    storefs.remove(scan_url, so)
     summary = manifest_summary(manifest, scan_summary.seconds)
     summary.notes.extend(notes)
     return IngestResult(manifest_url, scan_summary, summary, summary.details())
@@ -287,9 +291,10 @@ def manifest_summary(manifest: RowStore, seconds: float = 0.0) -> PassSummary:
     return summary
 
 
-def open_manifest(dataset: str) -> RowStore:
+def open_manifest(dataset: str, storage_options: dict | None = None) -> RowStore:
     """`<dataset>/manifest.zarr`, complete (an interrupted ingest is an error naming the fix)."""
-    return RowStore.open(store_url(dataset, "manifest"), require_complete=True)
+    url = store_url(dataset, "manifest")
+    return RowStore.open(url, require_complete=True, storage_options=storage_options)
 
 
 def file_fingerprint(paths: list[str]) -> str:
@@ -377,6 +382,7 @@ class _ImportTask:
     generator: GeneratorRef | None  # set: conv-only S is mapped into the full layout
     keep_wplus: bool
     device: str  # as configured ('auto' resolves on the worker)
+    storage_options: dict = field(default_factory=dict)
 
     def __call__(self, block: int) -> BlockReport:
         import torch
@@ -388,7 +394,8 @@ class _ImportTask:
         from stages.execution import load_generator_ref
 
         start = time.perf_counter()
-        manifest, clip_store, s_store = (RowStore.open(u) for u in self.urls)
+        so = self.storage_options
+        manifest, clip_store, s_store = (RowStore.open(u, storage_options=so) for u in self.urls)
         rows = manifest.block_rows(block)
         n = rows.stop - rows.start
         s_in = np.array(np.load(self.sspace, mmap_mode="r")[rows], dtype=np.float32)
@@ -502,7 +509,9 @@ def run_import_official(
     files_fp = file_fingerprint(files)
     tag = Path(cfg.sspace).name
     notes: list[str] = []
-    how = (overwrite, restart_on_change, notes)
+    so = execution.storage_options
+    storefs.check_reachable(cfg.out, so)
+    how = (overwrite, restart_on_change, notes, so)
     rps = cfg.rows_per_shard
     common = {"stage": "import-official", "files": [Path(p).name for p in files]}
     s_tail = (layout.conv_dim if conv_only else layout.dim,)
@@ -538,14 +547,15 @@ def run_import_official(
         | set(s_store.pending_blocks())
     )
     task = _ImportTask(
-        urls,  # type: ignore[arg-type]
-        str(cfg.sspace),
-        str(cfg.cspace),
-        str(cfg.wspace) if cfg.wspace else None,
+        tuple(storefs.absolute(u) for u in urls),  # type: ignore[arg-type]
+        storefs.absolute(cfg.sspace),
+        storefs.absolute(cfg.cspace),
+        storefs.absolute(cfg.wspace) if cfg.wspace else None,
         tag,
         generator if map_full else None,
         cfg.keep_wplus,
         execution.device,
+        dict(so),
     )
     summary = run_blocks(task, pending, execution, "import-official", manifest.n_blocks, progress)
     summary.notes.extend(notes)

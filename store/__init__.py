@@ -9,6 +9,7 @@ from store.errors import (
     MissingArray,
     NotAStore,
     SchemaTooNew,
+    StorageError,
     StoreError,
 )
 from store.rowstore import SCHEMA_VERSION, ArraySpec, RowStore, ok_rows, store_url
@@ -27,6 +28,7 @@ __all__ = [
     "SamplerSource",
     "SchemaTooNew",
     "Status",
+    "StorageError",
     "StoreError",
     "ok_rows",
     "status_counts",
