@@ -219,11 +219,19 @@ def _run_distributed(
         next_check = time.monotonic()
         try:
             while not finished.is_empty():
-                if finished.has_ready():
-                    for future in finished.next_batch(block=False):
-                        summary.add(future.result())
-                        bar.update(1)
-                        done += 1
+                progressed = False
+                for future in finished.next_batch(block=False) if finished.has_ready() else ():
+                    try:
+                        report = future.result(timeout=1.0)
+                    except TimeoutError:
+                        # its report lived on a worker that died: the scheduler reruns it
+                        finished.add(future)
+                        continue
+                    summary.add(report)
+                    bar.update(1)
+                    done += 1
+                    progressed = True
+                if progressed:
                     alone_since = None
                     continue
                 time.sleep(0.02)
