@@ -36,7 +36,7 @@ import torch
 from model.layout import LEVELS, SLayout
 from stages.common import ClipRef, ExecutionConfig, resolve_device
 from stages.config import ConfigError, require
-from store.fs import check_reachable
+from store.fs import absolute, check_reachable
 
 Method = Literal["mapper", "global-direction"]
 NEUTRAL_BY_KIND = {"faces": "face", "cats": "cat", "shapes": "shape"}
@@ -548,6 +548,69 @@ def _recorded_clip_fingerprint(cfg: dict) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _EditTask:
+    """Edit the selected rows of one shard-aligned block and write the block of the edit
+    store (a Dask task; the mapper loads once per worker process).
+
+    Rows edited: ok in both s and c when `every_ok_row`, else those set in
+    `selected` (np.packbits of a mask over all rows, already a subset of the ok rows)."""
+
+    s_url: str
+    c_url: str
+    out_url: str
+    every_ok_row: bool
+    selected: np.ndarray | None
+    targets: tuple[TargetDelta, ...]
+    layout: SLayout  # the layout whose conv channels the delta covers
+    mapper_url: str | None
+    mapper_for: tuple[SLayout, int]  # (store layout, CLIP dim): what an official .pth is built for
+    gd: torch.Tensor | None
+    batch_size: int
+    device: str  # as configured ('auto' resolves on the worker)
+    storage_options: dict = field(default_factory=dict)
+    model: Any = None  # the mapper the client loaded (local runs: no second load)
+
+    def __call__(self, block: int) -> Any:
+        from stages.execution import BlockReport, cached
+        from store import RowStore, Status
+
+        t0 = time.perf_counter()
+        so = self.storage_options
+        device = resolve_device(self.device)
+        s_store = RowStore.open(self.s_url, storage_options=so)
+        out = RowStore.open(self.out_url, storage_options=so)
+        c_store = RowStore.open(self.c_url, storage_options=so)
+        sl = out.block_rows(block)
+        n = sl.stop - sl.start
+        if self.every_ok_row:
+            pick = np.asarray(s_store.array("status")[sl]) == int(Status.OK)
+            pick &= np.asarray(c_store.array("status")[sl]) == int(Status.OK)
+        else:
+            pick = np.unpackbits(self.selected, count=s_store.n_rows)[sl].astype(bool)
+        idx = np.flatnonzero(pick)
+        s_new = np.zeros((n, s_store.shape("s")[1]), np.float32)
+        status = np.full(n, int(Status.SKIPPED), dtype=np.uint8)
+        if len(idx):
+            mapper = self.model
+            if mapper is None and self.mapper_url is not None:
+                url, (lay, e) = self.mapper_url, self.mapper_for
+
+                def load() -> Any:
+                    return _load_mapper(url, lay, e, so)[0].to(device).eval()
+
+                mapper = cached(("mapper", url, device), load)
+            c_blk = c_store.read("embed", rows=sl)[idx] if mapper is not None else None
+            s_blk = s_store.read("s", rows=sl)[idx]
+            s_new[idx] = edit_rows(
+                s_blk, c_blk, self.targets, self.layout, mapper, self.gd, self.batch_size, device
+            )
+            status[idx] = int(Status.OK)
+        out.write_block(block, {"s": s_new}, status)
+        counts = {"OK": len(idx), "SKIPPED": n - len(idx)}
+        return BlockReport(block, n, counts, (), time.perf_counter() - t0)
+
+
 def run(
     cfg: EditConfig,
     execution: ExecutionConfig | None = None,
@@ -557,9 +620,10 @@ def run(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[EditResult]:
-    """Run every edit in `cfg` over the selected ok rows of `cfg.store`."""
-    from tqdm import tqdm
-
+    """Run every edit in `cfg` over the selected ok rows of `cfg.store`: one block task
+    per shard-aligned block through the executor (`execution.scheduler_address`: on the
+    cluster, the mapper loaded once per worker)."""
+    from stages.execution import run_blocks
     from store import ArraySpec, FingerprintMismatch, RowStore, Status
 
     execution = execution or ExecutionConfig()
@@ -630,45 +694,26 @@ def run(
         if cfg.method == "global-direction":
             s_std_conv = torch.as_tensor(relevance.s_std[layout.conv_index()])
             gd = global_direction_delta(relevance.directions, s_std_conv, targets)
-        blocks = out.pending_blocks()
-        n_edit = 0
-
-        def load(b: int, out=out) -> tuple[int, np.ndarray, np.ndarray | None, np.ndarray]:
-            sl = out.block_rows(b)
-            idx = np.flatnonzero(selected[sl])
-            if len(idx) == 0:
-                return b, idx, None, np.zeros((0, layout.dim), np.float32)
-            c_blk = c_store.read("embed", rows=sl)[idx] if mapper is not None else None
-            return b, idx, c_blk, s_store.read("s", rows=sl)[idx]
-
-        bar = tqdm(total=len(blocks), desc=f"edit {edit.name}", unit="block", disable=not progress)
-        # read the next block and write the previous one while the mapper runs
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            writing = None
-            for b, idx, c_blk, s_blk in prefetch(pool, load, blocks):
-                sl = out.block_rows(b)
-                s_new = np.zeros((sl.stop - sl.start, layout.dim), dtype=np.float32)
-                status = np.full(sl.stop - sl.start, int(Status.SKIPPED), dtype=np.uint8)
-                if len(idx):
-                    s_new[idx] = edit_rows(
-                        s_blk,
-                        c_blk,
-                        targets,
-                        work,
-                        mapper,
-                        gd,
-                        execution.batch_size,
-                        device,
-                    )
-                    status[idx] = int(Status.OK)
-                if writing is not None:
-                    writing.result()
-                writing = pool.submit(out.write_block, b, {"s": s_new}, status)
-                n_edit += len(idx)
-                bar.update(1)
-            if writing is not None:
-                writing.result()
-        bar.close()
+        task = _EditTask(
+            absolute(s_store.url),
+            absolute(c_store.url),
+            absolute(url),
+            every_ok_row=np.array_equal(rows, ok),
+            selected=None if np.array_equal(rows, ok) else np.packbits(selected),
+            targets=tuple(targets),
+            layout=work,
+            mapper_url=absolute(cfg.mapper) if mapper is not None else None,
+            mapper_for=(layout, clip.embed_dim),
+            gd=gd,
+            batch_size=execution.batch_size,
+            device=execution.device,
+            storage_options=dict(so),
+            model=mapper if not execution.scheduler_address else None,
+        )
+        summary = run_blocks(
+            task, out.pending_blocks(), execution, f"edit {edit.name}", out.n_blocks, progress
+        )
+        n_edit = summary.ok
         dt = time.perf_counter() - t0
         total = out.status()
         n_edit_all = int((total == int(Status.OK)).sum())

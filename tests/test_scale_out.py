@@ -39,7 +39,7 @@ def pipeline_params(world: Path, root: str, execution: dict) -> dict:
             "weights": "weights/world/clip.safetensors",
             "preprocessing": "deltaedit",
         },
-        "ingest": {"source": str(world), "out": f"{root}/images", "rows_per_shard": 16},
+        "ingest": {"source": str(world), "out": f"{root}/images", "rows_per_shard": 32},
         "encode_clip": {"dataset": f"{root}/images"},
         "encode_s": {"dataset": f"{root}/images"},
         "train": {
@@ -78,7 +78,7 @@ def pipeline_params(world: Path, root: str, execution: dict) -> dict:
             "edits_dir": f"{root}/edits",
             "store": f"{root}/images",
             "out_dir": f"{root}/render",
-            "max_rows": 40,
+            "max_rows": 24,
             "sheet_rows": 4,
             "gallery_rows": 4,
             "sheet_tile": 32,
@@ -180,7 +180,7 @@ def test_pipeline_on_s3_and_a_cluster_equals_a_local_run(
     assert {"index.html", "render.json", "sheets/blue.png", "sheets/triangle.png"} <= set(
         remote_files
     )
-    assert sum(1 for f in remote_files if f.startswith("blue/")) == 40
+    assert sum(1 for f in remote_files if f.startswith("blue/")) == 24
     for name, data in local_files.items():
         if name == "index.html":  # the page names nothing but relative files
             assert remote_files[name].decode() == data.decode()
@@ -201,7 +201,7 @@ def test_a_worker_killed_mid_pass_the_pass_completes_equal(
     ex = ExecutionConfig(
         device="cpu", scheduler_address=dask_cluster.address, storage_options=so, batch_size=8
     )
-    run_ingest(IngestConfig(source=str(world), out=ds, rows_per_shard=4), ex, progress=False)
+    run_ingest(IngestConfig(source=str(world), out=ds, rows_per_shard=8), ex, progress=False)
     clip = ClipRef(
         name="world-clip",
         weights=str(ROOT / "weights/world/clip.safetensors"),
@@ -223,7 +223,7 @@ def test_a_worker_killed_mid_pass_the_pass_completes_equal(
     n_blocks = RowStore.open(url, storage_options=so).n_blocks
     assert done_at_kill < n_blocks  # the kill happened mid-pass
     assert result["r"].summary.blocks_run == n_blocks
-    # the local reference has 16-row shards, this store 4-row ones: compare the rows
+    # the local reference has 32-row shards, this store 8-row ones: compare the rows
     a = RowStore.open(f"{local_run}/images/clip.zarr")
     b = RowStore.open(url, storage_options=so)
     assert np.array_equal(a.status(), b.status())
