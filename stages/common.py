@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from stages.config import require
 
 
 @dataclass(frozen=True)
 class ExecutionConfig:
-    """`execution:` in params. Device auto = cuda when present, else cpu."""
+    """`execution:` in params. Device auto = cuda when present, else cpu.
+
+    storage_options: fsspec keyword arguments for every URL the pipeline reads or writes
+    (s3fs: endpoint_url, key, secret, anon, profile, client_kwargs, ...); they reach the
+    client and, inside every task, each Dask worker. Local paths ignore them.
+    """
 
     device: str = "auto"
     scheduler_address: str | None = None  # a dask.distributed scheduler; None = local
@@ -19,6 +24,9 @@ class ExecutionConfig:
     # one writer per store (store.lease): a lease with no heartbeat for this long is stale
     lease_timeout: float = 10.0  # minutes
     break_lease: bool = False  # take over a live lease (`--break-lease`; for one run, not params)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    connect_timeout_s: float = 10.0  # a scheduler that does not answer: error after this
+    worker_timeout_s: float = 120.0  # no worker left for this long: the pass stops (resumable)
 
     def validate(self) -> None:
         check_device(self.device)
@@ -26,6 +34,26 @@ class ExecutionConfig:
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         ok = self.lease_timeout > 0
         require(ok, "lease_timeout", self.lease_timeout, "minutes > 0")
+        require(
+            self.connect_timeout_s > 0, "connect_timeout_s", self.connect_timeout_s, "seconds > 0"
+        )
+        require(self.worker_timeout_s > 0, "worker_timeout_s", self.worker_timeout_s, "seconds > 0")
+        for k in self.storage_options:
+            require(isinstance(k, str) and bool(k), "storage_options", k, "string keys")
+
+    def __hash__(self) -> int:  # storage_options is a dict: hash the rest
+        return hash(
+            (
+                self.device,
+                self.scheduler_address,
+                self.workers,
+                self.batch_size,
+                self.lease_timeout,
+                self.break_lease,
+                self.connect_timeout_s,
+                self.worker_timeout_s,
+            )
+        )
 
 
 def check_device(device: str, key: str = "device") -> None:

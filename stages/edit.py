@@ -36,6 +36,7 @@ import torch
 from model.layout import LEVELS, SLayout
 from stages.common import ClipRef, ExecutionConfig, resolve_device
 from stages.config import ConfigError, require
+from store.fs import absolute, check_reachable
 
 Method = Literal["mapper", "global-direction"]
 NEUTRAL_BY_KIND = {"faces": "face", "cats": "cat", "shapes": "shape"}
@@ -489,12 +490,12 @@ class Relevance:
     attrs: dict
 
 
-def load_relevance(url: str) -> Relevance:
+def load_relevance(url: str, storage_options: dict | None = None) -> Relevance:
     from stages.relevance import read_relevance
     from store import StoreError
 
     try:
-        return read_relevance(url)
+        return read_relevance(url, storage_options)
     except StoreError as exc:
         raise EditError(
             f"the beta mask (beta > 0) and the global-direction method need the relevance "
@@ -564,6 +565,98 @@ def _recorded_clip_fingerprint(cfg: dict) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _EditTask:
+    """Edit one block of an edit's compute store: its row i is row `rows[i]` of the s and
+    clip stores (a Dask task on a cluster, the mapper loaded once per worker process;
+    in-process, `_edit_in_process` overlaps its read, edit and write steps)."""
+
+    s_url: str
+    c_url: str
+    targets: tuple[TargetDelta, ...]
+    layout: SLayout  # the layout whose conv channels the delta covers
+    mapper_url: str | None
+    mapper_for: tuple[SLayout, int]  # (store layout, CLIP dim): what an official .pth is built for
+    gd: torch.Tensor | None
+    batch_size: int
+    device: str  # as configured ('auto' resolves on the worker)
+    storage_options: dict = field(default_factory=dict)
+    model: Any = None  # the mapper the client loaded (local runs: no second load)
+    out_url: str = ""  # the compute store
+    rows: np.ndarray | None = None  # [n_compute] rows of the s / clip stores
+
+    def __call__(self, block: int) -> Any:
+        out = self.open_out()
+        c_blk, s_blk = self.read(out, block)
+        return self.write(out, block, self.edit(c_blk, s_blk))
+
+    def open_out(self) -> Any:
+        from store import RowStore
+
+        return RowStore.open(self.out_url, storage_options=self.storage_options)
+
+    def read(self, out: Any, block: int) -> tuple[np.ndarray | None, np.ndarray]:
+        from store import RowStore
+
+        so = self.storage_options
+        idx = self.rows[out.block_rows(block)]
+        s_blk = RowStore.open(self.s_url, storage_options=so).read("s", rows=idx)
+        if self.mapper_url is None:
+            return None, s_blk
+        return RowStore.open(self.c_url, storage_options=so).read("embed", rows=idx), s_blk
+
+    def edit(self, c_blk: np.ndarray | None, s_blk: np.ndarray) -> np.ndarray:
+        device = resolve_device(self.device)
+        mapper = self.model
+        if mapper is None and self.mapper_url is not None:
+            from stages.execution import cached
+
+            url, (lay, e), so = self.mapper_url, self.mapper_for, self.storage_options
+
+            def load() -> Any:
+                return _load_mapper(url, lay, e, so)[0].to(device).eval()
+
+            mapper = cached(("mapper", url, device), load)
+        return edit_rows(
+            s_blk, c_blk, self.targets, self.layout, mapper, self.gd, self.batch_size, device
+        )
+
+    def write(self, out: Any, block: int, s_new: np.ndarray) -> Any:
+        from stages.execution import BlockReport, counts_of, mark_non_finite
+        from store import Status
+
+        t0 = time.perf_counter()
+        status = np.full(len(s_new), int(Status.OK), dtype=np.uint8)
+        mark_non_finite(status, [s_new])  # a mapper's NaN is a row status
+        out.write_block(block, {"s": s_new}, status)
+        return BlockReport(block, len(s_new), counts_of(status), (), time.perf_counter() - t0)
+
+
+def _edit_in_process(
+    task: _EditTask, out: Any, blocks: list[int], name: str, progress: bool
+) -> Any:
+    """The blocks of `task` in this process: the next block read and the previous one
+    written while the mapper runs."""
+    from tqdm import tqdm
+
+    from stages.execution import PassSummary
+
+    summary = PassSummary(name, len(blocks))
+    bar = tqdm(total=len(blocks), desc=name, unit="block", disable=not progress)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        writing = None
+        for b, (c_blk, s_blk) in prefetch(pool, lambda b: (b, task.read(out, b)), blocks):
+            s_new = task.edit(c_blk, s_blk)
+            if writing is not None:
+                summary.add(writing.result())
+            writing = pool.submit(task.write, out, b, s_new)
+            bar.update(1)
+        if writing is not None:
+            summary.add(writing.result())
+    bar.close()
+    return summary
+
+
 def run(
     cfg: EditConfig,
     execution: ExecutionConfig | None = None,
@@ -595,9 +688,7 @@ def _edit(
     progress: bool,
     log: Callable[[str], None],
 ) -> list[EditResult]:
-    from tqdm import tqdm
-
-    from stages.execution import BlockReport, PassSummary, counts_of, mark_non_finite
+    from stages.execution import PassSummary, run_blocks
     from stages.incremental import update_output
     from store import ArraySpec, RowStore, Status
 
@@ -605,9 +696,11 @@ def _edit(
     if not edits:
         raise EditError("no edits: list them under edit.edits in params or pass --target")
     device = resolve_device(execution.device)
+    so = execution.storage_options
+    check_reachable(cfg.out_dir, so)
     urls = dataset_urls(cfg.store)
-    s_store = RowStore.open(urls["s"])
-    c_store = RowStore.open(urls["clip"])
+    s_store = RowStore.open(urls["s"], storage_options=so)
+    c_store = RowStore.open(urls["clip"], storage_options=so)
     if c_store.n_rows != s_store.n_rows:
         raise EditError(
             f"{urls['clip']} has {c_store.n_rows} rows, {urls['s']} has {s_store.n_rows}"
@@ -621,7 +714,7 @@ def _edit(
     # --- everything checked before any work ---
     mapper, mapper_cfg = None, {}
     if cfg.method == "mapper":
-        mapper, mapper_cfg = _load_mapper(cfg.mapper, layout, clip.embed_dim)
+        mapper, mapper_cfg = _load_mapper(cfg.mapper, layout, clip.embed_dim, so)
         check_mapper(mapper, mapper_cfg, layout, clip, c_store.attrs, s_store.attrs)
         mapper = mapper.to(device).eval()
     # the channels the edit moves: the mapper's (conv, or all with train.channels all)
@@ -629,9 +722,9 @@ def _edit(
     relevance = None
     need_rel = cfg.method == "global-direction" or any(e.beta > 0 for e in edits)
     if need_rel:
-        relevance = load_relevance(cfg.relevance)
+        relevance = load_relevance(cfg.relevance, so)
         check_relevance(relevance, layout, clip)
-    manifest_ids = _manifest_ids(urls["manifest"], s_store.n_rows)
+    manifest_ids = _manifest_ids(urls["manifest"], s_store.n_rows, so)
     ok = np.intersect1d(s_store.ok_rows(), c_store.ok_rows())
     rows = select_rows(cfg.select, ok, s_store.n_rows, manifest_ids)
     if len(rows) == 0:
@@ -659,38 +752,30 @@ def _edit(
             s_std_conv = torch.as_tensor(relevance.s_std[layout.conv_index()])
             gd = global_direction_delta(relevance.directions, s_std_conv, targets)
 
-        def compute(
-            c_url: str, todo: np.ndarray, targets=targets, gd=gd, name=edit.name
-        ) -> PassSummary:
+        task = _EditTask(
+            absolute(s_store.url),
+            absolute(c_store.url),
+            targets=tuple(targets),
+            layout=work,
+            mapper_url=absolute(cfg.mapper) if mapper is not None else None,
+            mapper_for=(layout, clip.embed_dim),
+            gd=gd,
+            batch_size=execution.batch_size,
+            device=execution.device,
+            storage_options=dict(so),
+            model=mapper if not execution.scheduler_address else None,
+        )
+
+        def compute(c_url: str, todo: np.ndarray, task=task, name=edit.name) -> PassSummary:
             """Edit the rows `todo` (new or changed since the last edit) into c_url."""
-            c_out = RowStore.open(c_url)
+            c_out = RowStore.open(c_url, storage_options=so)
             blocks = c_out.pending_blocks()
-
-            def load(b: int) -> tuple[int, np.ndarray | None, np.ndarray]:
-                idx = todo[c_out.block_rows(b)]
-                c_blk = c_store.read("embed", rows=idx) if mapper is not None else None
-                return b, c_blk, s_store.read("s", rows=idx)
-
-            summary = PassSummary(f"edit {name}", len(blocks))
-            bar = tqdm(total=len(blocks), desc=f"edit {name}", unit="block", disable=not progress)
-            # read the next block and write the previous one while the mapper runs
-            with ThreadPoolExecutor(max_workers=2) as pool:
-                writing = None
-                for b, c_blk, s_blk in prefetch(pool, load, blocks):
-                    s_new = edit_rows(
-                        s_blk, c_blk, targets, work, mapper, gd, execution.batch_size, device
-                    )
-                    status = np.full(len(s_new), int(Status.OK), dtype=np.uint8)
-                    mark_non_finite(status, [s_new])  # a mapper's NaN is a row status
-                    if writing is not None:
-                        writing.result()
-                    writing = pool.submit(c_out.write_block, b, {"s": s_new}, status)
-                    summary.add(BlockReport(b, len(s_new), counts_of(status)))
-                    bar.update(1)
-                if writing is not None:
-                    writing.result()
-            bar.close()
-            return summary
+            block_task = replace(task, out_url=absolute(c_url), rows=todo)
+            if execution.scheduler_address:  # one task per block on the cluster
+                return run_blocks(
+                    block_task, blocks, execution, f"edit {name}", c_out.n_blocks, progress
+                )
+            return _edit_in_process(block_task, c_out, blocks, f"edit {name}", progress)
 
         out, summary, counts = update_output(
             url,
@@ -805,34 +890,41 @@ def _dirs(rel: Relevance | None) -> torch.Tensor | None:
     return None if rel is None else rel.directions
 
 
-def _load_mapper(path: str, layout: SLayout, clip_dim: int) -> tuple[Any, dict]:
+def _load_mapper(
+    path: str, layout: SLayout, clip_dim: int, storage_options: dict | None = None
+) -> tuple[Any, dict]:
     """This project's safetensors (its config says what it was trained for), or an official
-    .pth state dict (no config: built for the store's layout and the CLIP's size)."""
+    .pth state dict (no config: built for the store's layout and the CLIP's size). `path`
+    may be a URL (copied to a temp folder with its .json first)."""
+    import tempfile
     from pathlib import Path
 
     from model.mapper import load_mapper
+    from store.fs import exists, fetch_local
 
-    if not Path(path).exists():
+    if not exists(path, storage_options):
         raise EditError(f"{path}: no mapper checkpoint (run `deltaedit train` first)")
-    if path.endswith(".safetensors"):
-        mapper = load_mapper(path)
-    else:
-        mapper = load_mapper(path, layout=layout, clip_dim=clip_dim)
-    cfg: dict = {}
-    side = Path(path).with_suffix(".json")
-    if side.exists():
-        try:
-            cfg = json.loads(side.read_text())
-        except json.JSONDecodeError:
-            cfg = {}
+    with tempfile.TemporaryDirectory(prefix="deltaedit-mapper-") as tmp:
+        local = fetch_local(path, tmp, storage_options, sidecars=(".json",))
+        if path.endswith(".safetensors"):
+            mapper = load_mapper(local)
+        else:
+            mapper = load_mapper(local, layout=layout, clip_dim=clip_dim)
+        cfg: dict = {}
+        side = Path(local).with_suffix(".json")
+        if side.exists():
+            try:
+                cfg = json.loads(side.read_text())
+            except json.JSONDecodeError:
+                cfg = {}
     return mapper, cfg
 
 
-def _manifest_ids(url: str, n_rows: int) -> np.ndarray | None:
+def _manifest_ids(url: str, n_rows: int, storage_options: dict | None = None) -> np.ndarray | None:
     from store import RowStore, StoreError
 
     try:
-        m = RowStore.open(url)
+        m = RowStore.open(url, storage_options=storage_options)
     except (StoreError, FileNotFoundError):
         return None
     if m.n_rows != n_rows or "ids" not in m.array_names:

@@ -15,7 +15,7 @@ import functools
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,6 +29,7 @@ from stages.execution import (
     BlockReport,
     PassSummary,
     counts_of,
+    for_workers,
     leased,
     load_clip_ref,
     non_finite_rows,
@@ -38,6 +39,7 @@ from stages.execution import (
 from stages.incremental import UpdateCounts, store_summary, update_output
 from store import ArraySpec, RowStore, Status, StoreError, store_url
 from store import update as up
+from store.fs import absolute, check_reachable
 from store.update import as_str
 
 if TYPE_CHECKING:  # torch and open_clip load only when a pass has rows to encode
@@ -164,14 +166,18 @@ def run_image_pass(
 ) -> EncodeResult:
     """`<dataset>/<name>.zarr` from the manifest's OK rows: rows of earlier stores reused by
     key, the rest encoded by make_task's blocks (stages.incremental.update_output)."""
-    manifest = RowStore.open(store_url(dataset, "manifest"), require_complete=True)
+    so = execution.storage_options
+    manifest = RowStore.open(
+        store_url(dataset, "manifest"), require_complete=True, storage_options=so
+    )
     rows = ImageRows.of(manifest)
     attrs = {**attrs, "manifest": manifest.fingerprint}
     stage = str(attrs["stage"])
 
     def compute(c_url: str, todo: np.ndarray) -> PassSummary:
-        task = make_task(c_url, tuple(rows.sources[todo].tolist()), rows.root, rows.max_pixels)
-        c = RowStore.open(c_url)
+        sources = tuple(rows.sources[todo].tolist())
+        task = make_task(absolute(c_url), sources, rows.root, rows.max_pixels)
+        c = RowStore.open(c_url, storage_options=so)
         return run_blocks(task, c.pending_blocks(), execution, stage, c.n_blocks, progress)
 
     out_url = store_url(dataset, name)
@@ -287,15 +293,20 @@ def model_inputs(refs: dict, paths: Sequence[str | None], **extra) -> dict | Non
     }
 
 
-def up_to_date(dataset: str, name: str, inputs: dict | None, stage: str) -> EncodeResult | None:
+def up_to_date(
+    dataset: str, name: str, inputs: dict | None, stage: str, storage_options: dict
+) -> EncodeResult | None:
     """The output `<dataset>/<name>.zarr` when it is complete and was made from the present
     manifest by the same model files: nothing to do, no model imported or loaded."""
+    so = storage_options
     url = store_url(dataset, name)
-    if inputs is None or not up.exists(url) or up.exists(f"{url}.prev"):
+    if inputs is None or not up.exists(url, so) or up.exists(f"{url}.prev", so):
         return None
-    manifest = RowStore.open(store_url(dataset, "manifest"), require_complete=True)
+    manifest = RowStore.open(
+        store_url(dataset, "manifest"), require_complete=True, storage_options=so
+    )
     try:
-        out = RowStore.open(url)
+        out = RowStore.open(url, storage_options=so)
     except StoreError:
         return None
     same = (
@@ -321,13 +332,14 @@ class _ClipTask:
     device: str
     batch_size: int
     decode_threads: int
+    storage_options: dict = field(default_factory=dict)
 
     def __call__(self, block: int) -> BlockReport:
         import torch
 
         device = resolve_device(self.device)  # on the worker: auto = its own GPU if any
         start = time.perf_counter()
-        out = RowStore.open(self.out_url)
+        out = RowStore.open(self.out_url, storage_options=self.storage_options)
         clip = load_clip_ref(self.clip, device)
         prep = self.clip.preprocessing
         rows = out.block_rows(block)
@@ -387,9 +399,12 @@ def _encode_clip(
     restart_on_change: bool,
     reuse: Sequence[str],
 ) -> EncodeResult:
-    RowStore.open(store_url(cfg.dataset, "manifest"), require_complete=True)
+    so = execution.storage_options
+    check_reachable(cfg.dataset, so)
+    RowStore.open(store_url(cfg.dataset, "manifest"), require_complete=True, storage_options=so)
     inputs = model_inputs({"clip": clip_ref}, [clip_ref.weights])
-    done = None if overwrite or reuse else up_to_date(cfg.dataset, "clip", inputs, "encode-clip")
+    fresh = overwrite or reuse
+    done = None if fresh else up_to_date(cfg.dataset, "clip", inputs, "encode-clip", so)
     if done is not None:
         return done
     device = resolve_device(execution.device)
@@ -406,7 +421,12 @@ def _encode_clip(
 
     def make_task(*head) -> _ClipTask:  # (compute url, sources, root, max_pixels)
         return _ClipTask(
-            *head, clip_ref, execution.device, execution.batch_size, cfg.decode_threads
+            *head,
+            for_workers(clip_ref),
+            execution.device,
+            execution.batch_size,
+            cfg.decode_threads,
+            dict(so),
         )
 
     arrays = {"embed": ArraySpec((clip.embed_dim,), "float32")}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,8 +28,16 @@ from stages.encode_clip import (
     run_image_pass,
     up_to_date,
 )
-from stages.execution import BlockReport, counts_of, leased, load_e4e_ref, load_generator_ref
+from stages.execution import (
+    BlockReport,
+    counts_of,
+    for_workers,
+    leased,
+    load_e4e_ref,
+    load_generator_ref,
+)
 from store import ArraySpec, RowStore, store_url
+from store.fs import check_reachable
 
 if TYPE_CHECKING:  # torch loads only when a pass has rows to encode
     import torch
@@ -81,13 +89,14 @@ class _STask:
     batch_size: int
     decode_threads: int
     keep_wplus: bool
+    storage_options: dict = field(default_factory=dict)
 
     def __call__(self, block: int) -> BlockReport:
         import torch
 
         device = resolve_device(self.device)  # on the worker: auto = its own GPU if any
         start = time.perf_counter()
-        out = RowStore.open(self.out_url)
+        out = RowStore.open(self.out_url, storage_options=self.storage_options)
         G = load_generator_ref(self.generator, device)
         enc = load_e4e_ref(self.e4e, device)
         rows = out.block_rows(block)
@@ -156,10 +165,13 @@ def _encode_s(
     restart_on_change: bool,
     reuse: Sequence[str],
 ) -> EncodeResult:
-    RowStore.open(store_url(cfg.dataset, "manifest"), require_complete=True)
+    so = execution.storage_options
+    check_reachable(cfg.dataset, so)
+    RowStore.open(store_url(cfg.dataset, "manifest"), require_complete=True, storage_options=so)
     refs = {"generator": generator, "e4e": e4e}
     inputs = model_inputs(refs, [generator.path, e4e.path], keep_wplus=cfg.keep_wplus)
-    done = None if overwrite or reuse else up_to_date(cfg.dataset, "s", inputs, "encode-s")
+    fresh = overwrite or reuse
+    done = None if fresh else up_to_date(cfg.dataset, "s", inputs, "encode-s", so)
     if done is not None:
         return done
     device = resolve_device(execution.device)
@@ -186,12 +198,13 @@ def _encode_s(
     def make_task(*head) -> _STask:  # (compute url, sources, root, max_pixels)
         return _STask(
             *head,
-            generator,
-            e4e,
+            for_workers(generator),
+            for_workers(e4e),
             execution.device,
             execution.batch_size,
             cfg.decode_threads,
             cfg.keep_wplus,
+            dict(so),
         )
 
     return run_image_pass(

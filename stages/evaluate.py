@@ -17,6 +17,7 @@ edit: base name, alpha, score) and `<out>/directional_similarity.png`.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Callable
@@ -29,6 +30,7 @@ import torch
 
 from stages.common import ClipRef, ExecutionConfig, GeneratorRef, resolve_device
 from stages.config import require
+from store import fs as storefs
 
 
 @dataclass(frozen=True)
@@ -69,10 +71,15 @@ def directional_similarity(
 
 
 def held_out_rows(
-    mapper_path: str, store_root: str, ok: np.ndarray, n: int, seed: int
+    mapper_path: str,
+    store_root: str,
+    ok: np.ndarray,
+    n: int,
+    seed: int,
+    storage_options: dict | None = None,
 ) -> tuple[np.ndarray, str]:
     """Rows to score and where they came from ("train held-out" or "seeded sample")."""
-    rows, source = _train_split(mapper_path, store_root), "train held-out"
+    rows, source = _train_split(mapper_path, store_root, storage_options), "train held-out"
     if rows is not None:
         rows = np.intersect1d(rows, ok)
     if rows is None or len(rows) == 0:
@@ -83,13 +90,31 @@ def held_out_rows(
     return rows, source
 
 
-def _train_split(mapper_path: str, store_root: str) -> np.ndarray | None:
+def _json_or_none(url: str, storage_options: dict | None = None) -> dict | None:
+    """The JSON object at a path or URL; None when missing or not valid JSON."""
+    try:
+        if not storefs.exists(url, storage_options):
+            return None
+        data = json.loads(storefs.read_text(url, storage_options))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _sidecar(path: str) -> str:
+    """The .json beside a checkpoint (path or URL)."""
+    return path.rsplit(".", 1)[0] + ".json" if "." in storefs.name(path) else path + ".json"
+
+
+def _train_split(
+    mapper_path: str, store_root: str, storage_options: dict | None = None
+) -> np.ndarray | None:
     """The held-out rows of `store_root` in the split the mapper was trained with."""
-    side = Path(mapper_path).with_suffix(".json")
-    if not side.exists():
+    side = _json_or_none(_sidecar(mapper_path), storage_options)
+    if side is None:
         return None
     try:
-        train = json.loads(side.read_text()).get("train") or {}
+        train = side.get("train") or {}
         stores = [str(s).rstrip("/") for s in train.get("stores", [])]
         if store_root.rstrip("/") not in stores:
             return None
@@ -97,27 +122,23 @@ def _train_split(mapper_path: str, store_root: str) -> np.ndarray | None:
 
         keys = ("stores", "seed", "holdout_fraction")
         kw = {k: (tuple(train[k]) if k == "stores" else train[k]) for k in keys if k in train}
-        data = open_dataset(TrainConfig(**kw))
+        data = open_dataset(TrainConfig(**kw), storage_options)
         return np.asarray(data.held_out[stores.index(store_root.rstrip("/"))], dtype=np.int64)
     except Exception:  # an old or foreign config: fall back to a seeded sample
         return None
 
 
-def mapper_heldout_cos(train_metrics: str, mapper_path: str) -> float | None:
+def mapper_heldout_cos(
+    train_metrics: str, mapper_path: str, storage_options: dict | None = None
+) -> float | None:
     """The trainer's last held-out cosine (metrics file, else the mapper config)."""
     cands: list[dict] = []
-    p = Path(train_metrics)
-    if p.exists():
-        try:
-            cands.append(json.loads(p.read_text()))
-        except json.JSONDecodeError:
-            pass
-    side = Path(mapper_path).with_suffix(".json")
-    if side.exists():
-        try:
-            cands.append(json.loads(side.read_text()).get("metrics") or {})
-        except json.JSONDecodeError:
-            pass
+    metrics = _json_or_none(train_metrics, storage_options)
+    if metrics is not None:
+        cands.append(metrics)
+    side = _json_or_none(_sidecar(mapper_path), storage_options)
+    if side is not None:
+        cands.append(side.get("metrics") or {})
     for d in cands:
         v = _find_cos(d)
         if v is not None:
@@ -207,11 +228,16 @@ def run(
     clip_ref = clip_ref or ClipRef()
     execution = execution or ExecutionConfig()
     device = resolve_device(execution.device)
-    names = list(cfg.edits) or discover_edits(cfg.edits_dir)
+    so = execution.storage_options
+    storefs.check_reachable(cfg.out, so)
+    names = list(cfg.edits) or discover_edits(cfg.edits_dir, so)
     if not names:
         raise EvaluateError(f"no edits in {cfg.edits_dir} (run `deltaedit edit` first)")
-    stores = {n: RowStore.open(f"{cfg.edits_dir.rstrip('/')}/{n}.zarr") for n in names}
-    src = RowStore.open(dataset_urls(cfg.store)["s"])
+    stores = {
+        n: RowStore.open(storefs.join(cfg.edits_dir, f"{n}.zarr"), storage_options=so)
+        for n in names
+    }
+    src = RowStore.open(dataset_urls(cfg.store)["s"], storage_options=so)
     generator = generator or load_generator_ref(generator_ref or GeneratorRef(), device)
     clip = clip or load_clip_ref(clip_ref, device)
     recorded = src.attrs.get("generator")
@@ -231,16 +257,15 @@ def run(
                 f"edit {n} was made with CLIP {str(a.get('clip'))[:12]}, params name "
                 f"{clip.fingerprint[:12]}; evaluate with the edit's CLIP"
             )
-    heldout_cos = mapper_heldout_cos(cfg.train_metrics, cfg.mapper)
-    out = Path(cfg.out)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
+    heldout_cos = mapper_heldout_cos(cfg.train_metrics, cfg.mapper, so)
+    out = cfg.out
     metrics: dict[str, Any] = {"edits": {}, "mapper": {"heldout_cos": heldout_cos}}
     for n, st in stores.items():
         ok = np.intersect1d(st.ok_rows(), src.ok_rows())
         if len(ok) == 0:
             log(f"evaluate {n}: no edited rows, skipped")
             continue
-        rows, where = held_out_rows(cfg.mapper, cfg.store, ok, cfg.n_rows, cfg.seed)
+        rows, where = held_out_rows(cfg.mapper, cfg.store, ok, cfg.n_rows, cfg.seed, so)
         s = src.read("s", rows=rows).astype(np.float32)
         s_edit = st.read("s", rows=rows).astype(np.float32)
         m = score_edit(
@@ -262,12 +287,15 @@ def run(
             f"pixel change {m['pixel_change']:.3f}, channels changed "
             f"{m['channels_changed']:.2%} on {len(rows)} {where} rows"
         )
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    write_alpha_plot(out, metrics["edits"])
+    metrics_json = json.dumps(metrics, indent=2, sort_keys=True)
+    storefs.write_text_atomic(storefs.join(out, "metrics.json"), metrics_json, so)
+    write_alpha_plot(out, metrics["edits"], so)
     return metrics
 
 
-def write_alpha_plot(out: Path, edits: dict[str, dict]) -> None:
+def write_alpha_plot(
+    out: str | Path, edits: dict[str, dict], storage_options: dict | None = None
+) -> None:
     """plots/directional_similarity.{csv,json} and directional_similarity.png."""
     rows = sorted(
         (
@@ -281,11 +309,18 @@ def write_alpha_plot(out: Path, edits: dict[str, dict]) -> None:
         ),
         key=lambda r: (r["base"], r["alpha"]),
     )
-    with open(out / "plots" / "directional_similarity.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, ["edit", "base", "alpha", "directional_similarity"])
-        w.writeheader()
-        w.writerows(rows)
-    (out / "plots" / "directional_similarity.json").write_text(json.dumps(rows, indent=2))
+    out, so = str(out), storage_options
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, ["edit", "base", "alpha", "directional_similarity"])
+    w.writeheader()
+    w.writerows(rows)
+    plots = storefs.join(out, "plots")
+    storefs.write_text_atomic(
+        storefs.join(plots, "directional_similarity.csv"), table.getvalue(), so
+    )
+    storefs.write_text_atomic(
+        storefs.join(plots, "directional_similarity.json"), json.dumps(rows, indent=2), so
+    )
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,5 +338,7 @@ def write_alpha_plot(out: Path, edits: dict[str, dict]) -> None:
     if rows:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "directional_similarity.png")
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    storefs.write_bytes_atomic(storefs.join(out, "directional_similarity.png"), png.getvalue(), so)

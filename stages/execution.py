@@ -6,7 +6,11 @@ done mark) itself, so a worker never ships arrays back. `run_blocks` schedules o
 Dask task per pending block:
 
 - local (default): Dask's threaded scheduler with `execution.workers` threads;
-- `execution.scheduler_address`: a `dask.distributed` Client on that scheduler.
+- `execution.scheduler_address`: a `dask.distributed` Client on that scheduler. A scheduler
+  that does not answer within `execution.connect_timeout_s` is a one-line ClusterError; so
+  is a pass left without any worker for `execution.worker_timeout_s` (blocks already
+  written stay done: a rerun resumes). A worker that dies mid-task has its task rerun
+  elsewhere by the scheduler; a task is idempotent (a block is rewritten whole).
 
 Models are loaded once per worker process through `cached(key, loader)`, keyed
 by a hashable model reference (frozen dataclass + device). A tqdm bar counts
@@ -28,10 +32,16 @@ from tqdm import tqdm
 
 from stages.common import ClipRef, E4ERef, ExecutionConfig, GeneratorRef
 from store import Status
+from store.errors import StoreError
 
 T = TypeVar("T")
 R = TypeVar("R")
 MAX_REASON_LINES = 20  # per-row problem lines kept for the summary
+
+
+class ClusterError(StoreError):
+    """The cluster cannot run the pass (no scheduler, no workers, a worker lacking a
+    package or a file); one line. A StoreError, so every command prints it as one line."""
 
 
 @dataclass(frozen=True)
@@ -166,7 +176,7 @@ def run_blocks(
         if not blocks:
             pass
         elif execution.scheduler_address:
-            _run_distributed(task, blocks, execution.scheduler_address, name, summary, bar)
+            _run_distributed(task, blocks, execution, name, summary, bar)
         else:
             _run_local(task, blocks, execution.workers, name, summary, bar)
     finally:
@@ -199,26 +209,106 @@ def _run_local(
         dask.compute(*tasks, scheduler="threads", num_workers=workers)
 
 
+def connect(execution: ExecutionConfig):
+    """A distributed Client on `execution.scheduler_address`, or a one-line ClusterError."""
+    address = execution.scheduler_address
+    try:
+        from distributed import Client
+    except ImportError:
+        raise ClusterError(
+            f"execution.scheduler_address {address}: dask.distributed is not installed; "
+            f"pip install 'deltaedit[distributed]'"
+        ) from None
+    try:
+        return Client(address, set_as_default=False, timeout=execution.connect_timeout_s)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ClusterError(
+            f"execution.scheduler_address {address}: no scheduler answered within "
+            f"{execution.connect_timeout_s:g} s ({type(exc).__name__}); start one "
+            f"(`dask scheduler`) or fix the address"
+        ) from None
+
+
 def _run_distributed(
     task: BlockTask,
     blocks: Sequence[int],
-    address: str,
+    execution: ExecutionConfig,
     name: str,
     summary: PassSummary,
     bar: tqdm,
 ) -> None:
-    from distributed import Client, as_completed
+    from distributed import as_completed
 
-    with Client(address, set_as_default=False) as client:
+    with connect(execution) as client:
         futures = client.map(
-            task,
+            _OnWorker(task),
             list(blocks),
             pure=False,
             key=[f"{name}-block-{b}-{time.time_ns()}" for b in blocks],
         )
-        for future in as_completed(futures, loop=client.loop):
-            summary.add(future.result())
-            bar.update(1)
+        done = 0
+        finished = as_completed(futures, loop=client.loop)
+        alone_since: float | None = None
+        next_check = time.monotonic()
+        try:
+            while not finished.is_empty():
+                progressed = False
+                for future in finished.next_batch(block=False) if finished.has_ready() else ():
+                    try:
+                        report = future.result(timeout=1.0)
+                    except TimeoutError:
+                        # its report lived on a worker that died: the scheduler reruns it
+                        finished.add(future)
+                        continue
+                    summary.add(report)
+                    bar.update(1)
+                    done += 1
+                    progressed = True
+                if progressed:
+                    alone_since = None
+                    continue
+                time.sleep(0.02)
+                now = time.monotonic()
+                if now < next_check:
+                    continue
+                next_check = now + min(1.0, execution.worker_timeout_s / 4)
+                if client.nthreads():
+                    alone_since = None
+                    continue
+                alone_since = alone_since or now
+                if now - alone_since >= execution.worker_timeout_s:
+                    raise ClusterError(
+                        f"{name}: no worker connected to {execution.scheduler_address} for "
+                        f"{execution.worker_timeout_s:g} s, {len(futures) - done} of "
+                        f"{len(futures)} blocks not done; start workers and rerun (it resumes; "
+                        f"execution.worker_timeout_s sets the wait)"
+                    )
+        finally:
+            if done < len(futures):
+                client.cancel(futures)
+
+
+@dataclass(frozen=True)
+class _OnWorker:
+    """A block task run on a Dask worker: an ImportError or a missing file there (a worker
+    without a package or a model file the client has) names the worker."""
+
+    task: BlockTask
+
+    def __call__(self, block: int) -> BlockReport:
+        try:
+            return self.task(block)
+        except (ImportError, FileNotFoundError) as exc:
+            from distributed import get_worker
+
+            try:
+                where = get_worker().address
+            except ValueError:
+                where = "?"
+            raise ClusterError(
+                f"block {block} on worker {where}: {type(exc).__name__}: {exc} (install the "
+                f"package / copy the file there, or put it on storage every worker reads)"
+            ) from None
 
 
 # --- overlap decoding with the model -------------------------------------------------------
@@ -256,6 +346,21 @@ _END = object()
 # --- model references -> models, once per worker process ------------------------------------
 
 
+def for_workers(ref: T) -> T:
+    """A model reference whose local file paths (`path`, `weights`) are absolute: what a
+    worker started in another folder needs. URLs and unset paths are left as they are."""
+    import dataclasses
+
+    from store.fs import absolute
+
+    changes = {
+        f: absolute(getattr(ref, f))
+        for f in ("path", "weights")
+        if isinstance(getattr(ref, f, None), str) and getattr(ref, f)
+    }
+    return dataclasses.replace(ref, **changes) if changes else ref  # type: ignore[type-var]
+
+
 def load_generator_ref(ref: GeneratorRef, device: str):
     """The generator a `generator:` params section names, cached per (ref, device)."""
 
@@ -268,6 +373,7 @@ def load_generator_ref(ref: GeneratorRef, device: str):
             g = create_generator(ref.config, seed=ref.seed).to(device)
         return g.eval().requires_grad_(False)
 
+    ref = for_workers(ref)  # one cache entry per file, wherever the process started
     return cached(("generator", ref, device), load)
 
 
@@ -285,6 +391,7 @@ def load_clip_ref(ref: ClipRef, device: str):
             seed=ref.seed,
         )
 
+    ref = for_workers(ref)  # one cache entry per file, wherever the process started
     return cached(("clip", ref, device), load)
 
 
@@ -300,6 +407,7 @@ def load_e4e_ref(ref: E4ERef, device: str):
             e = create_e4e(ref.config, seed=ref.seed).to(device)
         return e.eval().requires_grad_(False)
 
+    ref = for_workers(ref)  # one cache entry per file, wherever the process started
     return cached(("e4e", ref, device), load)
 
 
@@ -315,6 +423,7 @@ def create_output(
     overwrite: bool,
     restart_on_change: bool,
     notes: list[str],
+    storage_options: dict | None = None,
 ):
     """A stage's output store: resumed when it was made from the same inputs and models;
     otherwise an error (FingerprintMismatch / StoreError naming the difference), or, with
@@ -324,12 +433,14 @@ def create_output(
 
     mode = "overwrite" if overwrite else "resume"
     try:
-        return RowStore.create(url, n_rows, rows_per_shard, arrays, attrs, mode=mode)
+        return RowStore.create(url, n_rows, rows_per_shard, arrays, attrs, mode, storage_options)
     except (FingerprintMismatch, StoreError) as exc:
         if not restart_on_change or type(exc) not in (FingerprintMismatch, StoreError):
             raise
         notes.append(f"{url}: made from other inputs or models, started over ({exc})")
-        return RowStore.create(url, n_rows, rows_per_shard, arrays, attrs, mode="overwrite")
+        return RowStore.create(
+            url, n_rows, rows_per_shard, arrays, attrs, "overwrite", storage_options
+        )
 
 
 def leased(
@@ -354,7 +465,10 @@ def hold_outputs(
     """Hold the write lease (store.lease) of every output store of a pass while it runs: a
     second pass on one of them refuses, naming this one; `log` gets takeover notes."""
     from store import hold_lease
+    from store.fs import check_reachable
 
+    for url in urls:  # one line for a dead endpoint or refused credentials, before any work
+        check_reachable(url, execution.storage_options)
     with contextlib.ExitStack() as stack:
         for url in urls:
             stack.enter_context(
@@ -362,6 +476,7 @@ def hold_outputs(
                     url,
                     pass_name,
                     break_lease=execution.break_lease,
+                    storage_options=execution.storage_options,
                     timeout_minutes=execution.lease_timeout,
                     log=log,
                 )

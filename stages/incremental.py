@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from stages.common import ExecutionConfig
 from stages.execution import BlockReport, PassSummary, create_output, run_blocks
 from store import ArraySpec, FingerprintMismatch, RowStore, Status, StoreError
+from store import fs as storefs
 from store import update as up
 
 
@@ -51,11 +52,13 @@ class _AssembleTask:
     sources: tuple[str, ...]
     plan: up.RowPlan
     keys: np.ndarray
+    storage_options: dict = field(default_factory=dict)
 
     def __call__(self, block: int) -> BlockReport:
         start = time.perf_counter()
-        out = RowStore.open(self.out_url)
-        stores = [RowStore.open(u) for u in self.sources]
+        so = self.storage_options
+        out = RowStore.open(self.out_url, storage_options=so)
+        stores = [RowStore.open(u, storage_options=so) for u in self.sources]
         status = up.assemble_block(out, block, stores, self.plan, self.keys)
         names, counts = np.unique(status, return_counts=True)
         return BlockReport(
@@ -105,15 +108,16 @@ def update_output(
     n_rows = len(keys)
     full = {**arrays, up.KEY: ArraySpec((), "str")}
     store_name = url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr")
-    reuse_stores = [up.open_reuse(u, store_name) for u in reuse]
+    so = execution.storage_options
+    reuse_stores = [up.open_reuse(u, store_name, so) for u in reuse]
     up.check_reuse(reuse_stores, attrs, full)
     notes: list[str] = []
     dropped_prev = 0  # OK rows of a previous output that is not reused at all
-    up.recover(url)
+    up.recover(url, so)
     if overwrite:
         for u in (url, up.next_url(url), up.compute_url(url)):
-            up.remove(u)
-    old = RowStore.open(url) if up.exists(url) else None
+            up.remove(u, so)
+    old = RowStore.open(url, storage_options=so) if up.exists(url, so) else None
     if old is not None:
         why = up.reuse_difference(old, attrs, full)
         if why and not restart_on_change:
@@ -133,7 +137,7 @@ def update_output(
         elif _same_output(old, attrs) and old.is_complete() and old.n_rows == n_rows:
             if np.array_equal(up.as_str(old.read(up.KEY)), keys):
                 for u in (up.next_url(url), up.compute_url(url)):
-                    up.remove(u)  # leftovers of an update killed after its swap
+                    up.remove(u, so)  # leftovers of an update killed after its swap
                 summary = store_summary(name, old, PassSummary(name, 0), 0, start, notes)
                 return old, summary, UpdateCounts(int(old.ok_rows().size), 0, 0)
     sources = ([old] if old is not None else []) + reuse_stores
@@ -141,27 +145,27 @@ def update_output(
     c_url = up.compute_url(url)
     c_summary = PassSummary(f"{name} compute", 0)
     src, row = plan.src.copy(), plan.row.copy()
-    source_urls = [rs.url for rs in sources]
+    source_urls = [storefs.absolute(rs.url) for rs in sources]
     status = np.full(n_rows, Status.SKIPPED, dtype=np.uint8)
     reused = plan.src != up.NO_SOURCE
     status[reused] = Status.OK
     if plan.compute.size:
         c_attrs = {**attrs, "compute_rows": up.rows_checksum({"keys": keys[plan.compute]})}
         c_store = create_output(
-            c_url, len(plan.compute), rows_per_shard, arrays, c_attrs, False, True, []
+            c_url, len(plan.compute), rows_per_shard, arrays, c_attrs, False, True, [], so
         )
         c_summary = compute(c_url, plan.compute)
         c_store.require_complete()
         src[plan.compute] = len(source_urls)
         row[plan.compute] = np.arange(len(plan.compute))
         status[plan.compute] = c_store.status()
-        source_urls.append(c_url)
+        source_urls.append(storefs.absolute(c_url))
     full_plan = up.RowPlan(src, row, plan.compute)
     checksum = up.checksum_attr({up.KEY: keys, "status": status})
     n_attrs = {**attrs, up.CHECKSUM: checksum}
     n_url = up.next_url(url)
-    nxt = create_output(n_url, n_rows, rows_per_shard, full, n_attrs, False, True, [])
-    task = _AssembleTask(n_url, tuple(source_urls), full_plan, keys)
+    nxt = create_output(n_url, n_rows, rows_per_shard, full, n_attrs, False, True, [], so)
+    task = _AssembleTask(storefs.absolute(n_url), tuple(source_urls), full_plan, keys, dict(so))
     assembled = run_blocks(
         task, nxt.pending_blocks(), execution, f"{name} assemble", nxt.n_blocks, progress
     )
@@ -171,9 +175,9 @@ def update_output(
         int(plan.compute.size),
         up.dropped_rows([old], keys) if old is not None else dropped_prev,
     )
-    up.swap_in(url, n_url)
-    up.remove(c_url)
-    final = RowStore.open(url)
+    up.swap_in(url, n_url, so)
+    up.remove(c_url, so)
+    final = RowStore.open(url, storage_options=so)
     summary = store_summary(name, final, c_summary, assembled.blocks_run, start, notes)
     return final, summary, counts
 

@@ -48,6 +48,7 @@ from stages.execution import (
 )
 from stages.incremental import UpdateCounts
 from store import ArraySpec, RowStore, Status, StoreError, store_url
+from store import fs as storefs
 from store import update as up
 
 SCAN_NAME = ".ingest-scan"
@@ -135,10 +136,11 @@ class _ScanTask:
     max_pixels: int
     threads: int
     known: dict[str, tuple[int, str, tuple[int, int]]]  # sha256 -> (status, reason, size)
+    storage_options: dict = field(default_factory=dict)
 
     def __call__(self, block: int) -> BlockReport:
         start = time.perf_counter()
-        scan = RowStore.open(self.url)
+        scan = RowStore.open(self.url, storage_options=self.storage_options)
         rows = scan.block_rows(block)
         n = rows.stop - rows.start
         sha = np.full(n, "", dtype=object)
@@ -296,17 +298,19 @@ def _ingest(
     n = len(sources)
     manifest_url = store_url(cfg.out, "manifest")
     scan_url = store_url(cfg.out, SCAN_NAME)
-    reuse_stores = [up.open_reuse(u, "manifest") for u in reuse]
+    so = execution.storage_options
+    storefs.check_reachable(cfg.out, so)
+    reuse_stores = [up.open_reuse(u, "manifest", so) for u in reuse]
     for rs in reuse_stores:
         why = _manifest_difference(rs, cfg)
         if why:
             raise up.ReuseRefused(f"--reuse {why}; nothing was written")
     notes: list[str] = []
-    up.recover(manifest_url)
+    up.recover(manifest_url, so)
     if overwrite:
         for u in (manifest_url, up.next_url(manifest_url), scan_url):
-            up.remove(u)
-    old = RowStore.open(manifest_url) if up.exists(manifest_url) else None
+            up.remove(u, so)
+    old = RowStore.open(manifest_url, storage_options=so) if up.exists(manifest_url, so) else None
     if old is not None:
         why = _manifest_difference(old, cfg)
         if why and not restart_on_change:
@@ -324,9 +328,18 @@ def _ingest(
         "root": root,
         "max_pixels": cfg.max_pixels,
     }
-    scan = create_output(scan_url, n, cfg.rows_per_shard, SCAN_ARRAYS, scan_attrs, False, True, [])
+    scan = create_output(
+        scan_url, n, cfg.rows_per_shard, SCAN_ARRAYS, scan_attrs, False, True, [], so
+    )
     task = _ScanTask(
-        scan_url, root, tuple(sources), tuple(refused), cfg.max_pixels, cfg.decode_threads, known
+        storefs.absolute(scan_url),
+        root,
+        tuple(sources),
+        tuple(refused),
+        cfg.max_pixels,
+        cfg.decode_threads,
+        known,
+        dict(so),
     )
     scan_summary = run_blocks(
         task, scan.pending_blocks(), execution, "ingest", scan.n_blocks, progress
@@ -363,17 +376,19 @@ def _ingest(
     )
     if old is not None and old.attrs == attrs and old.is_complete():
         manifest = old  # the folder did not change: nothing to write
-        up.remove(up.next_url(manifest_url))
+        up.remove(up.next_url(manifest_url), so)
     else:
         n_url = up.next_url(manifest_url)
-        nxt = create_output(n_url, n, cfg.rows_per_shard, MANIFEST_ARRAYS, attrs, False, True, [])
+        nxt = create_output(
+            n_url, n, cfg.rows_per_shard, MANIFEST_ARRAYS, attrs, False, True, [], so
+        )
         for b in nxt.pending_blocks():
             sl = nxt.block_rows(b)
             nxt.write_block(b, {k: v[sl] for k, v in rows.items()}, status[sl])
         nxt.require_complete()
-        up.swap_in(manifest_url, n_url)
-        manifest = RowStore.open(manifest_url)
-    up.remove(scan_url)
+        up.swap_in(manifest_url, n_url, so)
+        manifest = RowStore.open(manifest_url, storage_options=so)
+    up.remove(scan_url, so)
     summary = manifest_summary(manifest, time.perf_counter() - start)
     summary.notes.extend(notes)
     return IngestResult(manifest_url, scan_summary, summary, summary.details(), counts)
@@ -393,9 +408,10 @@ def manifest_summary(manifest: RowStore, seconds: float = 0.0) -> PassSummary:
     return summary
 
 
-def open_manifest(dataset: str) -> RowStore:
+def open_manifest(dataset: str, storage_options: dict | None = None) -> RowStore:
     """`<dataset>/manifest.zarr`, complete (an interrupted ingest is an error naming the fix)."""
-    return RowStore.open(store_url(dataset, "manifest"), require_complete=True)
+    url = store_url(dataset, "manifest")
+    return RowStore.open(url, require_complete=True, storage_options=storage_options)
 
 
 def file_fingerprint(paths: list[str]) -> str:
@@ -483,6 +499,7 @@ class _ImportTask:
     generator: GeneratorRef | None  # set: conv-only S is mapped into the full layout
     keep_wplus: bool
     device: str  # as configured ('auto' resolves on the worker)
+    storage_options: dict = field(default_factory=dict)
 
     def __call__(self, block: int) -> BlockReport:
         import torch
@@ -494,7 +511,8 @@ class _ImportTask:
         from stages.execution import load_generator_ref
 
         start = time.perf_counter()
-        manifest, clip_store, s_store = (RowStore.open(u) for u in self.urls)
+        so = self.storage_options
+        manifest, clip_store, s_store = (RowStore.open(u, storage_options=so) for u in self.urls)
         rows = manifest.block_rows(block)
         n = rows.stop - rows.start
         s_in = np.array(np.load(self.sspace, mmap_mode="r")[rows], dtype=np.float32)
@@ -627,7 +645,9 @@ def _import_official(
     files_fp = file_fingerprint(files)
     tag = Path(cfg.sspace).name
     notes: list[str] = []
-    how = (overwrite, restart_on_change, notes)
+    so = execution.storage_options
+    storefs.check_reachable(cfg.out, so)
+    how = (overwrite, restart_on_change, notes, so)
     rps = cfg.rows_per_shard
     common = {"stage": "import-official", "files": [Path(p).name for p in files]}
     s_tail = (layout.conv_dim if conv_only else layout.dim,)
@@ -663,14 +683,15 @@ def _import_official(
         | set(s_store.pending_blocks())
     )
     task = _ImportTask(
-        urls,  # type: ignore[arg-type]
-        str(cfg.sspace),
-        str(cfg.cspace),
-        str(cfg.wspace) if cfg.wspace else None,
+        tuple(storefs.absolute(u) for u in urls),  # type: ignore[arg-type]
+        storefs.absolute(cfg.sspace),
+        storefs.absolute(cfg.cspace),
+        storefs.absolute(cfg.wspace) if cfg.wspace else None,
         tag,
         generator if map_full else None,
         cfg.keep_wplus,
         execution.device,
+        dict(so),
     )
     summary = run_blocks(task, pending, execution, "import-official", manifest.n_blocks, progress)
     summary.notes.extend(notes)

@@ -25,7 +25,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +35,8 @@ import torch
 from model.layout import SLayout
 from stages.common import ClipRef, ExecutionConfig, GeneratorRef, resolve_device
 from stages.config import require
+from stages.execution import for_workers
+from store.fs import absolute, check_reachable
 
 Method = Literal["finite-difference", "jacobian"]
 
@@ -241,15 +243,17 @@ class _RelevanceTask:
     base: np.ndarray  # [n_img, D]
     mean: np.ndarray  # [D]
     std: np.ndarray  # [D]
-    device: str
+    device: str  # as configured ('auto' resolves on the worker)
     batch_size: int
+    storage_options: dict = field(default_factory=dict)
 
     def __call__(self, block: int):
         from stages.execution import BlockReport, load_clip_ref, load_generator_ref
         from store import RowStore, Status
 
         t0 = time.perf_counter()
-        out = RowStore.open(self.out_url)
+        device = resolve_device(self.device)  # on the worker: auto = its own GPU if any
+        out = RowStore.open(self.out_url, storage_options=self.storage_options)
         layout = SLayout.from_dict(out.attrs["layout"])
         sl = out.block_rows(block)
         is_conv = np.zeros(layout.dim, dtype=bool)
@@ -259,11 +263,11 @@ class _RelevanceTask:
         mean, std = self.mean, self.std
         dirs = np.zeros((len(chans), out.shape("directions")[1]), dtype=np.float32)
         if len(conv):
-            G = load_generator_ref(self.generator, self.device)
-            clip = load_clip_ref(self.clip, self.device)
-            base = torch.as_tensor(self.base, device=self.device)
-            m = torch.as_tensor(mean, device=self.device)
-            sd = torch.as_tensor(std, device=self.device)
+            G = load_generator_ref(self.generator, device)
+            clip = load_clip_ref(self.clip, device)
+            base = torch.as_tensor(self.base, device=device)
+            m = torch.as_tensor(mean, device=device)
+            sd = torch.as_tensor(std, device=device)
             pre = self.clip.preprocessing
             if self.method == "finite-difference":
                 d = finite_difference_directions(
@@ -317,14 +321,16 @@ def _relevance(
     generator_ref = generator_ref or GeneratorRef()
     clip_ref = clip_ref or ClipRef()
     device = resolve_device(execution.device)
-    s_store = RowStore.open(dataset_urls(cfg.store)["s"])
+    so = execution.storage_options
+    check_reachable(cfg.out, so)
+    s_store = RowStore.open(dataset_urls(cfg.store)["s"], storage_options=so)
     layout = SLayout.from_dict(s_store.attrs["layout"])
     ok = s_store.ok_rows()
     if len(ok) == 0:
         raise RelevanceError(f"{s_store.url}: no ok rows (run encode-s or sample first)")
 
     if cfg.fs3_path is not None:
-        return import_fs3(cfg, s_store, layout, ok, log)
+        return import_fs3(cfg, s_store, layout, ok, log, so)
 
     G = load_generator_ref(generator_ref, device)
     clip = load_clip_ref(clip_ref, device)
@@ -359,18 +365,19 @@ def _relevance(
         "stats_sha256": hashlib.sha256(mean.tobytes() + std.tobytes()).hexdigest(),
     }
     attrs["fingerprint"] = _fingerprint(attrs)
-    out = _create(cfg, layout, clip.embed_dim, attrs, ArraySpec, RowStore)
+    out = _create(cfg, layout, clip.embed_dim, attrs, ArraySpec, RowStore, so)
     task = _RelevanceTask(
-        out.url,
-        generator_ref,
-        clip_ref,
+        absolute(out.url),
+        for_workers(generator_ref),
+        for_workers(clip_ref),
         cfg.method,
         cfg.sigma,
         base,
         mean,
         std,
-        device,
+        execution.device,
         execution.batch_size,
+        dict(so),
     )
     pending = out.pending_blocks()
     summary = run_blocks(
@@ -382,10 +389,12 @@ def _relevance(
         progress,
     )
     log(summary.line())
-    return read_relevance(out.url)
+    return read_relevance(out.url, so)
 
 
-def _create(cfg: RelevanceConfig, layout: SLayout, e: int, attrs: dict, ArraySpec, RowStore):
+def _create(
+    cfg: RelevanceConfig, layout: SLayout, e: int, attrs: dict, ArraySpec, RowStore, so: dict
+):
     spec = {
         "directions": ArraySpec((e,), "float32"),
         "s_mean": ArraySpec((), "float32"),
@@ -395,16 +404,21 @@ def _create(cfg: RelevanceConfig, layout: SLayout, e: int, attrs: dict, ArraySpe
     from store import FingerprintMismatch, StoreError
 
     try:
-        return RowStore.create(cfg.out, layout.dim, cfg.channels_per_block, spec, attrs, mode)
+        return RowStore.create(cfg.out, layout.dim, cfg.channels_per_block, spec, attrs, mode, so)
     except (FingerprintMismatch, StoreError):
         # another method / model / dataset: a new relevance replaces the old one
         return RowStore.create(
-            cfg.out, layout.dim, cfg.channels_per_block, spec, attrs, "overwrite"
+            cfg.out, layout.dim, cfg.channels_per_block, spec, attrs, "overwrite", so
         )
 
 
 def import_fs3(
-    cfg: RelevanceConfig, s_store: Any, layout: SLayout, ok: np.ndarray, log: Callable
+    cfg: RelevanceConfig,
+    s_store: Any,
+    layout: SLayout,
+    ok: np.ndarray,
+    log: Callable,
+    so: dict | None = None,
 ) -> Relevance:
     """A published fs3.npy [Dconv, E] as relevance.zarr (statistics from the stored codes)."""
     from store import ArraySpec, RowStore, Status
@@ -436,7 +450,7 @@ def import_fs3(
         "layout": layout.to_dict(),
     }
     attrs["fingerprint"] = _fingerprint(attrs)
-    out = _create(cfg, layout, fs3.shape[1], attrs, ArraySpec, RowStore)
+    out = _create(cfg, layout, fs3.shape[1], attrs, ArraySpec, RowStore, so or {})
     full = np.zeros((layout.dim, fs3.shape[1]), dtype=np.float32)
     idx = layout.conv_index()
     full[idx] = fs3.astype(np.float32)
@@ -447,14 +461,14 @@ def import_fs3(
         status = np.where(is_conv[sl], int(Status.OK), int(Status.SKIPPED)).astype(np.uint8)
         out.write_block(b, {"directions": full[sl], "s_mean": mean[sl], "s_std": std[sl]}, status)
     log(f"relevance: imported {path} ({fs3.shape[0]} x {fs3.shape[1]}) -> {out.url}")
-    return read_relevance(out.url)
+    return read_relevance(out.url, so)
 
 
-def read_relevance(url: str) -> Relevance:
+def read_relevance(url: str, storage_options: dict | None = None) -> Relevance:
     """relevance.zarr -> directions [Dconv, E] (conv channels, layout order), s_mean, s_std."""
     from store import RowStore
 
-    st = RowStore.open(url, require_complete=True)
+    st = RowStore.open(url, require_complete=True, storage_options=storage_options)
     layout = SLayout.from_dict(st.attrs["layout"])
     idx = layout.conv_index()
     dirs = st.read("directions")[idx]

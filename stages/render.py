@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from stages.common import ExecutionConfig, GeneratorRef, resolve_device
 from stages.config import require
+from store import fs as storefs
 
 ORIGINALS = "originals"
 ExtraFn = Callable[[str, int], "Image.Image | np.ndarray | None"]
@@ -246,8 +247,14 @@ h2 { margin-bottom: 0.2em; } p.sub { margin-top: 0; color: #555; }
 """
 
 
-def write_gallery(out_dir: Path, sections: Sequence[GallerySection], title: str) -> Path:
-    """`out_dir/index.html`: one table per section; every link relative to out_dir."""
+def write_gallery(
+    out_dir: str | Path,
+    sections: Sequence[GallerySection],
+    title: str,
+    storage_options: dict | None = None,
+) -> str:
+    """`out_dir/index.html` (a path or URL): one table per section; every link relative to
+    out_dir. Returns where it was written."""
     e = html.escape
     parts = [
         "<!DOCTYPE html>",
@@ -276,8 +283,8 @@ def write_gallery(out_dir: Path, sections: Sequence[GallerySection], title: str)
             parts.append("</tr>")
         parts.append("</table>")
     parts.append("</body></html>")
-    path = Path(out_dir) / "index.html"
-    path.write_text("\n".join(parts), encoding="utf-8")
+    path = storefs.join(str(out_dir), "index.html")
+    storefs.write_text_atomic(path, "\n".join(parts), storage_options)
     return path
 
 
@@ -289,35 +296,41 @@ class RenderResult:
     name: str
     n_images: int
     seconds: float
-    sheet: Path | None
+    sheet: str | None
 
 
-def discover_edits(edits_dir: str) -> list[str]:
-    d = Path(edits_dir)
-    if not d.is_dir():
-        return []
-    return sorted(p.name[: -len(".zarr")] for p in d.iterdir() if p.name.endswith(".zarr"))
+def discover_edits(edits_dir: str, storage_options: dict | None = None) -> list[str]:
+    """Names of the `<name>.zarr` stores under `edits_dir` (a folder or URL), sorted."""
+    return [
+        n[: -len(".zarr")]
+        for n in storefs.listdir(edits_dir, storage_options)
+        if n.endswith(".zarr")
+    ]
 
 
-def _ids(store_root: str, n_rows: int) -> np.ndarray | None:
+def _ids(store_root: str, n_rows: int, storage_options: dict | None = None) -> np.ndarray | None:
     from stages.edit import _manifest_ids, dataset_urls
 
-    return _manifest_ids(dataset_urls(store_root)["manifest"], n_rows)
+    return _manifest_ids(dataset_urls(store_root)["manifest"], n_rows, storage_options)
 
 
 def _extra_image(
-    cfg: RenderConfig, extra: ExtraFn | None, name: str, row: int
+    cfg: RenderConfig,
+    extra: ExtraFn | None,
+    name: str,
+    row: int,
+    storage_options: dict | None = None,
 ) -> np.ndarray | None:
     img: Any = None
     if extra is not None:
         img = extra(name, row)
     elif cfg.extra_dir:
         for cand in (
-            Path(cfg.extra_dir) / name / row_file(row, ".png"),
-            Path(cfg.extra_dir) / row_file(row, ".png"),
+            storefs.join(cfg.extra_dir, name, row_file(row, ".png")),
+            storefs.join(cfg.extra_dir, row_file(row, ".png")),
         ):
-            if cand.exists():
-                img = _read_bounded(cand)
+            if storefs.exists(cand, storage_options):
+                img = _read_bounded(cand, storage_options)
                 break
     if img is None:
         return None
@@ -326,11 +339,69 @@ def _extra_image(
     return np.asarray(img, dtype=np.uint8)
 
 
-def _read_bounded(path: Path, max_pixels: int = 4096 * 4096) -> np.ndarray:
-    with Image.open(path) as im:
+def _read_bounded(
+    path: str, storage_options: dict | None = None, max_pixels: int = 4096 * 4096
+) -> np.ndarray:
+    with Image.open(io.BytesIO(storefs.read_bytes(path, storage_options))) as im:
         if im.width * im.height > max_pixels:
             raise ValueError(f"{path}: {im.width}x{im.height} is larger than {max_pixels} pixels")
         return np.asarray(im.convert("RGB"))
+
+
+@dataclass(frozen=True)
+class _RenderTask:
+    """Render the rows of one shard-aligned block of one store and write their files
+    straight to `out_dir` (a Dask task: the image bytes never travel back).
+
+    Rendered rows: ok in `store_url` (and in `source_url`, the dataset an edit was made
+    from, when set) and <= `last_row`."""
+
+    store_url: str
+    source_url: str | None
+    last_row: int
+    out_dir: str  # <render.out_dir>/<name>: absolute path or URL
+    generator: GeneratorRef
+    device: str  # as configured ('auto' resolves on the worker)
+    batch_size: int
+    fmt: str
+    quality: int
+    shards: bool
+    noise_mode: str
+    storage_options: dict = field(default_factory=dict)
+    model: Any = None  # a generator object the caller passed in (instead of the ref)
+
+    def __call__(self, block: int) -> Any:
+        from stages.execution import BlockReport, load_generator_ref
+        from store import RowStore, Status
+
+        t0 = time.perf_counter()
+        so = self.storage_options
+        device = resolve_device(self.device)
+        st = RowStore.open(self.store_url, storage_options=so)
+        sl = st.block_rows(block)
+        ok = np.asarray(st.array("status")[sl]) == int(Status.OK)
+        if self.source_url is not None:
+            src = RowStore.open(self.source_url, storage_options=so)
+            ok &= np.asarray(src.array("status")[sl]) == int(Status.OK)
+        rows = np.arange(sl.start, sl.stop)[ok]
+        rows = rows[rows <= self.last_row]
+        if len(rows):
+            G = self.model if self.model is not None else load_generator_ref(self.generator, device)
+            s = st.read("s", rows=sl)[rows - sl.start]
+            imgs = render_s(G, s, self.batch_size, device, self.noise_mode)
+            suffix = ".png" if self.fmt == "png" else ".jpg"
+            files = [
+                (row_file(int(r), suffix), encode_image(im, self.fmt, self.quality))
+                for r, im in zip(rows, imgs, strict=True)
+            ]
+            if self.shards:
+                shard = storefs.join(self.out_dir, f"shard-{block:05d}.tar")
+                storefs.write_bytes_atomic(shard, tar_bytes(files), so)
+            else:
+                for fname, data in files:
+                    storefs.write_bytes(storefs.join(self.out_dir, fname), data, so)
+        n = len(rows)
+        return BlockReport(block, n, {"OK": n}, (), time.perf_counter() - t0)
 
 
 def run(
@@ -343,18 +414,26 @@ def run(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> list[RenderResult]:
-    """Render the chosen edits (and the originals), their sheets and index.html."""
-    from tqdm import tqdm
+    """Render the chosen edits (and the originals), their sheets and index.html.
 
+    Image files (or tar shards) are written by one block task per shard-aligned block
+    through the executor (`execution.scheduler_address`: on the cluster's workers); the
+    sheets, the gallery's sample images and index.html are written once at the end."""
     from model.layout import SLayout
     from stages.edit import dataset_urls
+    from stages.execution import for_workers, load_generator_ref, run_blocks
     from store import RowStore
 
     execution = execution or ExecutionConfig()
+    so = execution.storage_options
+    storefs.check_reachable(cfg.out_dir, so)
     device = resolve_device(execution.device)
-    names = list(cfg.edits) or discover_edits(cfg.edits_dir)
-    edit_stores = {n: RowStore.open(f"{cfg.edits_dir.rstrip('/')}/{n}.zarr") for n in names}
-    src = RowStore.open(dataset_urls(cfg.store)["s"])
+    names = list(cfg.edits) or discover_edits(cfg.edits_dir, so)
+    edit_stores = {
+        n: RowStore.open(storefs.join(cfg.edits_dir, f"{n}.zarr"), storage_options=so)
+        for n in names
+    }
+    src = RowStore.open(dataset_urls(cfg.store)["s"], storage_options=so)
     layout = src.attrs.get("layout")
     for n, st in edit_stores.items():
         if st.n_rows != src.n_rows or st.attrs.get("layout", layout) != layout:
@@ -362,10 +441,10 @@ def run(
                 f"edit {n} was made from another store ({st.attrs.get('source')}), "
                 f"not {src.url}; set render.store to its dataset"
             )
+    generator_ref = generator_ref or GeneratorRef()
+    model = generator
     if generator is None:
-        from stages.execution import load_generator_ref
-
-        generator = load_generator_ref(generator_ref or GeneratorRef(), device)
+        generator = load_generator_ref(generator_ref, device)
     recorded = src.attrs.get("generator")
     if isinstance(recorded, str) and recorded != generator.fingerprint:
         raise ValueError(
@@ -377,9 +456,9 @@ def run(
             f"the generator's S has {generator.layout.dim} channels, {src.url} has "
             f"{SLayout.from_dict(layout).dim}; set generator: to the one that made the store"
         )
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ids = _ids(cfg.store, src.n_rows)
+    out = cfg.out_dir
+    storefs.makedirs(out, so)
+    ids = _ids(cfg.store, src.n_rows, so)
     rng = np.random.default_rng(cfg.seed)
 
     jobs: list[tuple[str, Any]] = [(ORIGINALS, src)] + list(edit_stores.items())
@@ -404,60 +483,57 @@ def run(
     for name, st in jobs:
         t0 = time.perf_counter()
         rows = rows_of[name]
-        d = out / name
-        if name not in gallery_only:
-            d.mkdir(parents=True, exist_ok=True)
-        keep: dict[int, np.ndarray] = {}
-        shown_set = set(shown.tolist())
-        n_done = 0
-        bar = tqdm(total=len(rows), desc=f"render {name}", unit="img", disable=not progress)
-        for b in range(st.n_blocks):
-            sl = st.block_rows(b)
-            blk = rows[(rows >= sl.start) & (rows < sl.stop)]
-            if len(blk) == 0:
-                continue
-            s = st.read("s", rows=sl)[blk - sl.start]
-            imgs = render_s(generator, s, execution.batch_size, device, cfg.noise_mode)
-            files = [
-                (row_file(int(r), cfg.suffix), encode_image(im, cfg.format, cfg.jpeg_quality))
-                for r, im in zip(blk, imgs, strict=True)
-            ]
-            if name in gallery_only:
-                pass
-            elif cfg.shards:
-                _write_tar(d / f"shard-{b:05d}.tar", files)
-            else:
-                for fname, data in files:
-                    (d / fname).write_bytes(data)
-            for r, im in zip(blk, imgs, strict=True):
-                if int(r) in shown_set:
-                    keep[int(r)] = im
-            n_done += len(blk)
-            bar.update(len(blk))
-        bar.close()
+        d = storefs.join(out, name)
+        n_done = len(rows)
+        if name not in gallery_only and len(rows):
+            storefs.makedirs(d, so)
+            task = _RenderTask(
+                storefs.absolute(st.url),
+                storefs.absolute(src.url) if name != ORIGINALS else None,
+                int(rows[-1]),
+                storefs.absolute(d),
+                for_workers(generator_ref),
+                execution.device,
+                execution.batch_size,
+                cfg.format,
+                cfg.jpeg_quality,
+                cfg.shards,
+                cfg.noise_mode,
+                dict(so),
+                model,
+            )
+            blocks = np.unique(rows // st.rows_per_shard).tolist()
+            summary = run_blocks(
+                task, blocks, execution, f"render {name}", st.n_blocks, progress=progress
+            )
+            n_done = summary.rows
+        # the sample the sheets and the gallery show, rendered once more here (few rows)
+        picked = shown[np.isin(shown, rows)]
+        imgs = render_s(
+            generator, st.read("s", rows=picked), execution.batch_size, device, cfg.noise_mode
+        )
+        keep = {int(r): im for r, im in zip(picked, imgs, strict=True)}
         if name in in_gallery:
-            g = out / "gallery" / name
-            g.mkdir(parents=True, exist_ok=True)
+            g = storefs.join(out, "gallery", name)
             for r, im in keep.items():
-                (g / row_file(r, cfg.suffix)).write_bytes(
-                    encode_image(im, cfg.format, cfg.jpeg_quality)
-                )
+                data = encode_image(im, cfg.format, cfg.jpeg_quality)
+                storefs.write_bytes(storefs.join(g, row_file(r, cfg.suffix)), data, so)
         shown_imgs[name] = keep
         dt = time.perf_counter() - t0
+        where = storefs.join(out, "gallery", name) if name in gallery_only else d
         log(
             f"render {name}: {n_done} images, {st.n_rows - n_done} rows not rendered (not ok, "
             f"not edited, or past render.max_rows), {n_done / max(dt, 1e-9):.1f} img/s -> "
-            f"{out / 'gallery' / name if name in gallery_only else d}"
+            f"{where}"
         )
         results.append(RenderResult(name, n_done, dt, None))
 
     # --- sheets and gallery ---
-    sheets = out / "sheets"
-    sheets.mkdir(exist_ok=True)
+    sheets = storefs.join(out, "sheets")
     label = (lambda r: f"{r}: {ids[r]}") if ids is not None else (lambda r: f"row {r}")
     sections = []
     before_name = ORIGINALS if ORIGINALS in shown_imgs else None
-    extras_dir = out / "extra"
+    extras_dir = storefs.join(out, "extra")
     for res in results:
         name = res.name
         attrs = edit_stores[name].attrs if name in edit_stores else {}
@@ -465,7 +541,7 @@ def run(
         sheet_rows = [int(r) for r in shown[: cfg.sheet_rows]]
         extra_imgs = None
         if name != ORIGINALS and (extra is not None or cfg.extra_dir):
-            extra_imgs = [_extra_image(cfg, extra, name, r) for r in shown]
+            extra_imgs = [_extra_image(cfg, extra, name, r, so) for r in shown]
         if name != ORIGINALS and before_name is not None:
             b = [shown_imgs[before_name][r] for r in sheet_rows]
             a = [shown_imgs[name][r] for r in sheet_rows]
@@ -473,8 +549,8 @@ def run(
             sheet = contact_sheet(
                 b, a, title, [label(r) for r in sheet_rows], cfg.sheet_tile, ex, cfg.extra_label
             )
-            res.sheet = sheets / f"{name}.png"
-            sheet.save(res.sheet)
+            res.sheet = storefs.join(sheets, f"{name}.png")
+            storefs.write_bytes_atomic(res.sheet, png_bytes(sheet), so)
         img_dir = lambda n: f"gallery/{n}" if n in in_gallery else n  # noqa: E731
         columns = ([ORIGINALS] if before_name and name != ORIGINALS else []) + [name]
         if extra_imgs is not None:
@@ -490,33 +566,36 @@ def run(
                 if im is None:
                     cells.append(None)
                 else:
-                    (extras_dir / name).mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(im).save(extras_dir / name / row_file(r, ".png"))
+                    dst = storefs.join(extras_dir, name, row_file(r, ".png"))
+                    storefs.write_bytes(dst, encode_image(im, "png"), so)
                     cells.append(f"extra/{name}/{row_file(r, '.png')}")
             sec.rows.append(GalleryRow(label(r), cells))
         sections.append(sec)
-    page = write_gallery(out, sections, "deltaedit gallery")
-    (out / "render.json").write_text(
-        json.dumps(
-            {
-                "edits": [r.name for r in results],
-                "rows_shown": shown.tolist(),
-                "format": cfg.format,
-                "shards": cfg.shards,
-            },
-            indent=2,
-        )
-    )
+    page = write_gallery(out, sections, "deltaedit gallery", so)
+    info = {
+        "edits": [r.name for r in results],
+        "rows_shown": shown.tolist(),
+        "format": cfg.format,
+        "shards": cfg.shards,
+    }
+    storefs.write_text_atomic(storefs.join(out, "render.json"), json.dumps(info, indent=2), so)
     log(f"render: {sum(r.n_images for r in results)} images, gallery {page}")
     return results
 
 
-def _write_tar(path: Path, files: Sequence[tuple[str, bytes]]) -> None:
-    tmp = path.with_suffix(".tar.tmp")
-    with tarfile.open(tmp, "w") as tar:
+def png_bytes(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def tar_bytes(files: Sequence[tuple[str, bytes]]) -> bytes:
+    """An uncompressed tar of (name, bytes) members, mtime 0 (the same bytes every run)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
         for name, data in files:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             info.mtime = 0
             tar.addfile(info, io.BytesIO(data))
-    tmp.replace(path)
+    return buf.getvalue()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from stages.execution import (
     PassSummary,
     counts_of,
     create_output,
+    for_workers,
     hold_outputs,
     load_clip_ref,
     load_generator_ref,
@@ -36,6 +37,7 @@ from stages.execution import (
     run_blocks,
 )
 from store import ArraySpec, RowStore, Status, store_url
+from store.fs import absolute, check_reachable
 
 
 @dataclass(frozen=True)
@@ -73,11 +75,13 @@ class _SampleTask:
     truncation: float
     device: str
     batch_size: int
+    storage_options: dict = field(default_factory=dict)
 
     def __call__(self, block: int) -> BlockReport:
         device = resolve_device(self.device)  # on the worker: auto = its own GPU if any
         start = time.perf_counter()
-        manifest, clip_store, s_store = (RowStore.open(u) for u in self.urls)
+        so = self.storage_options
+        manifest, clip_store, s_store = (RowStore.open(u, storage_options=so) for u in self.urls)
         G = load_generator_ref(self.generator, device)
         clip = load_clip_ref(self.clip, device)
         rows = manifest.block_rows(block)
@@ -185,7 +189,9 @@ def _sample(
         json.dumps({"generator": G.fingerprint, **sample_attrs}, sort_keys=True).encode()
     ).hexdigest()
     m_attrs = {"stage": "sample", "fingerprint": m_fp, "root": "", "max_pixels": 0, **sample_attrs}
-    how = (overwrite, restart_on_change, notes)
+    so = execution.storage_options
+    check_reachable(cfg.out, so)
+    how = (overwrite, restart_on_change, notes, so)
     rps = cfg.rows_per_shard
     urls = tuple(store_url(cfg.out, name) for name in ("manifest", "clip", "s"))
     manifest = create_output(urls[0], cfg.n, rps, MANIFEST_ARRAYS, m_attrs, *how)
@@ -201,13 +207,14 @@ def _sample(
         | set(s_store.pending_blocks())
     )
     task = _SampleTask(
-        urls,  # type: ignore[arg-type]
-        generator,
-        clip_ref,
+        tuple(absolute(u) for u in urls),  # type: ignore[arg-type]
+        for_workers(generator),
+        for_workers(clip_ref),
         cfg.seed,
         cfg.truncation,
         execution.device,
         execution.batch_size,
+        dict(so),
     )
     summary = run_blocks(task, pending, execution, "sample", manifest.n_blocks, progress)
     summary.notes.extend(notes)

@@ -274,18 +274,19 @@ def _matches(expected: str, actual: str | None) -> bool:
     return actual is not None and len(expected) >= 8 and actual.startswith(expected)
 
 
-def open_dataset(cfg: TrainConfig) -> Dataset:
+def open_dataset(cfg: TrainConfig, storage_options: dict | None = None) -> Dataset:
     """Open every store's clip.zarr + s.zarr, check they agree, split rows (seeded)."""
     from store import RowStore, SamplerSource, StoreError, store_url
     from store.inspect import count_non_finite
 
+    so = storage_options
     sources, held_out = [], []
     layout = clip_dim = clip_fp = gen_fp = None
     first = None
     for k, root in enumerate(cfg.stores):
         try:
-            s_store = RowStore.open(store_url(root, "s"))
-            c_store = RowStore.open(store_url(root, "clip"))
+            s_store = RowStore.open(store_url(root, "s"), storage_options=so)
+            c_store = RowStore.open(store_url(root, "clip"), storage_options=so)
         except StoreError as exc:
             raise TrainError(f"train.stores[{k}] {root}: {exc}") from None
         for st, name in ((s_store, "s"), (c_store, "embed")):
@@ -444,6 +445,90 @@ def state_path_for(out: str | Path) -> Path:
     return out.with_name(out.stem + ".train.safetensors")
 
 
+def state_url_for(out: str) -> str:
+    """state_path_for for a path or URL (`s3://b/m.safetensors` -> `s3://b/m.train...`)."""
+    from store.fs import join, name, parent
+
+    stem = name(out).rsplit(".", 1)[0] if "." in name(out) else name(out)
+    return join(parent(out), stem + ".train.safetensors")
+
+
+def _sidecar(url: str) -> str:
+    """The .json beside a .safetensors path or URL."""
+    return url.rsplit(".", 1)[0] + ".json" if "." in url.rsplit("/", 1)[-1] else url + ".json"
+
+
+class _Outputs:
+    """Where training writes. Local paths are written in place; for a URL (`s3://...`) the
+    files are written to a local staging folder and copied to the URL, each atomically
+    (temp key + move), after every checkpoint and metrics summary."""
+
+    def __init__(self, cfg: TrainConfig, storage_options: dict, staging: Path) -> None:
+        from store.fs import check_reachable, is_remote
+
+        self.so = storage_options
+        self.out_url = cfg.out if is_remote(cfg.out) else None
+        self.metrics_url = cfg.metrics_dir if is_remote(cfg.metrics_dir) else None
+        for url in (self.out_url, self.metrics_url):
+            if url:
+                check_reachable(url, self.so)
+        self.out = staging / "mapper" / Path(cfg.out).name if self.out_url else Path(cfg.out)
+        self.state = state_path_for(self.out)
+        self.metrics = staging / "metrics" if self.metrics_url else Path(cfg.metrics_dir)
+
+    def where(self) -> str:
+        return self.out_url or str(self.out)
+
+    def state_where(self) -> str:
+        return state_url_for(self.out_url) if self.out_url else str(self.state)
+
+    def fetch_for_resume(self) -> None:
+        """Bring the training state and the metrics of a remote run into staging."""
+        from store.fs import exists, filesystem, get_file
+
+        if self.out_url:
+            state_url = state_url_for(self.out_url)
+            self.state.parent.mkdir(parents=True, exist_ok=True)
+            for url, local in ((state_url, self.state), (_sidecar(state_url), _side(self.state))):
+                if exists(url, self.so):
+                    get_file(url, str(local), self.so)
+        if self.metrics_url and exists(self.metrics_url, self.so):
+            fs, path = filesystem(self.metrics_url, self.so)
+            fs.get(path.rstrip("/") + "/", str(self.metrics) + "/", recursive=True)
+
+    def push_checkpoint(self) -> None:
+        from store.fs import put_file_atomic
+
+        if not self.out_url:
+            return
+        state_url = state_url_for(self.out_url)
+        # the state first: a mapper never points to a newer state than the one stored
+        for local, url in (
+            (self.state, state_url),
+            (_side(self.state), _sidecar(state_url)),
+            (self.out, self.out_url),
+            (_side(self.out), _sidecar(self.out_url)),
+        ):
+            put_file_atomic(str(local), url, self.so)
+
+    def push_metrics(self) -> None:
+        import os
+
+        from store.fs import join, put_file_atomic
+
+        if not self.metrics_url or not self.metrics.is_dir():
+            return
+        for folder, _, files in os.walk(self.metrics):
+            for f in files:
+                local = Path(folder) / f
+                rel = local.relative_to(self.metrics).as_posix()
+                put_file_atomic(str(local), join(self.metrics_url, rel), self.so)
+
+
+def _side(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
 def save_train_state(
     path: Path,
     mapper: DeltaMapper,
@@ -593,13 +678,26 @@ def run(
     Holds the write lease of `cfg.out` (store.lease): a second train on the same mapper
     refuses instead of overwriting its checkpoints.
     """
+    import tempfile
+
     from stages.execution import hold_outputs
 
     threads_before = torch.get_num_threads()
     execution = execution or ExecutionConfig()
     try:
-        with hold_outputs([cfg.out], "train", execution, log):
-            return _run(cfg, execution, resume=resume, progress=progress, log=log, on_step=on_step)
+        with (
+            hold_outputs([cfg.out], "train", execution, log),
+            tempfile.TemporaryDirectory(prefix="deltaedit-train-") as staging,
+        ):
+            return _run(
+                cfg,
+                execution,
+                Path(staging),
+                resume=resume,
+                progress=progress,
+                log=log,
+                on_step=on_step,
+            )
     finally:
         torch.set_num_threads(threads_before)
 
@@ -607,6 +705,7 @@ def run(
 def _run(
     cfg: TrainConfig,
     execution: ExecutionConfig | None,
+    staging: Path,
     *,
     resume: bool,
     progress: bool,
@@ -621,13 +720,16 @@ def _run(
     cfg.validate()
     execution = execution or ExecutionConfig()
     device = resolve_device(execution.device)
-    out = Path(cfg.out)
-    state_path = state_path_for(out)
-    data = open_dataset(cfg)
+    so = execution.storage_options
+    outs = _Outputs(cfg, so, staging)
+    out, state_path = outs.out, outs.state
+    data = open_dataset(cfg, so)
     conv = data.layout.mapper_layout(cfg.channels).conv_index()
     rows = trained_rows(data)
     if not resume and not cfg.retrain:
-        kept = _kept_mapper(cfg, data, rows, state_path, log)
+        if outs.out_url:  # a finished remote run is judged from its state, fetched
+            outs.fetch_for_resume()
+        kept = _kept_mapper(out, data, cfg, rows, state_path, outs.where(), log)
         if kept is not None:
             return kept
 
@@ -658,8 +760,11 @@ def _run(
     }
     start, history = 0, []
     if resume:
+        outs.fetch_for_resume()
         if not state_path.exists():
-            raise TrainError(f"--resume: no training state at {state_path}; start without --resume")
+            raise TrainError(
+                f"--resume: no training state at {outs.state_where()}; start without --resume"
+            )
         saved_cfg = json.loads(state_path.with_suffix(".json").read_text())
         for key in ("layout", "clip_dim", "clip_fingerprint", "train"):
             if saved_cfg.get(key) != meta[key]:
@@ -674,13 +779,13 @@ def _run(
         except (CheckpointError, StoreError) as exc:
             raise TrainError(f"--resume: {exc}") from None
         history = list(saved_cfg.get("history", []))
-        log(f"train: resuming {state_path} at step {start}")
+        log(f"train: resuming {outs.state_where()} at step {start}")
 
     val = make_validation_set(data, cfg, device)
     if val is None:
         log("train: no held-out rows (holdout_fraction 0 or tiny stores): no validation")
 
-    metrics_dir = Path(cfg.metrics_dir)
+    metrics_dir = outs.metrics
     if resume:
         _trim_dvclive(metrics_dir, start)
     live = Live(dir=str(metrics_dir), resume=resume, save_dvc_exp=False, dvcyaml=False)
@@ -701,6 +806,7 @@ def _run(
         extra = {k: v for k, v in meta.items() if k != "rows"}  # the keys stay in the state
         extra |= {"step": step, "metrics": history[-1] if history else {}}
         save_mapper(mapper, out, extra=extra)
+        outs.push_checkpoint()
 
     def validate(step: int) -> dict[str, float]:
         scores = evaluate(mapper, val)
@@ -712,6 +818,7 @@ def _run(
         for name, value in val.baselines.items():
             live.log_metric(f"val/baseline_{name}", value, plot=False)
         live.make_summary()
+        outs.push_metrics()
         return row
 
     losses: list[float] = []
@@ -768,10 +875,13 @@ def _run(
         bar.close()
     elapsed = time.perf_counter() - t0
     if start >= cfg.iterations:  # nothing left to do: the final mapper is already written
-        if not out.exists():
+        from store.fs import exists
+
+        if not exists(outs.where(), so):
             checkpoint(start, sampler_state)
     live.make_summary()
     live.end()
+    outs.push_metrics()
     ran = max(step - start, 0)
     rate = ran / elapsed if elapsed > 0 and ran else 0.0
     last = history[-1] if history else {}
@@ -786,10 +896,10 @@ def _run(
             f"(zero mapper cos 0 mse {last['zero_mse']:.4g}; mean delta cos "
             f"{last['mean_delta_cos']:.3f} mse {last['mean_delta_mse']:.4g})"
         )
-    log(summary + f" -> {out}")
+    log(summary + f" -> {outs.where()}")
     return TrainResult(
-        mapper_path=str(out),
-        state_path=str(state_path),
+        mapper_path=outs.where(),
+        state_path=outs.state_where(),
         step=step,
         losses=losses,
         val=last,
@@ -817,17 +927,21 @@ def trained_rows(data: Dataset) -> list[list[str]]:
 
 
 def _kept_mapper(
-    cfg: TrainConfig,
+    local_out: Path,
     data: Dataset,
+    cfg: TrainConfig,
     rows: list[list[str]],
     state_path: Path,
+    out: str,
     log: Callable[[str], None],
 ) -> TrainResult | None:
-    """The finished mapper at cfg.out when it was trained with these params and stores:
-    kept (None = train). Says how many rows changed since, if any (a stale mapper)."""
-    out = Path(cfg.out)
+    """The finished mapper at `out` (its state in `state_path`, local or fetched) when it
+    was trained with these params and stores: kept (None = train). Says how many rows
+    changed since, if any (a stale mapper)."""
     meta_path = state_path.with_suffix(".json")
-    if not (out.exists() and state_path.exists() and meta_path.exists()):
+    if not (state_path.exists() and meta_path.exists()):
+        return None
+    if not (local_out.exists() or out != str(local_out)):
         return None
     try:
         saved = json.loads(meta_path.read_text())

@@ -232,19 +232,22 @@ def truth_images_for(scenes: Sequence[Any], attribute: str, value: str, world: A
 
 
 def write_truth(
-    truth_dir: str | Path, name: str, rows: np.ndarray, images: np.ndarray
-) -> list[Path]:
-    """`<truth_dir>/<edit>/<row:08d>.png`: the render stage's extra column naming."""
-    from PIL import Image
+    truth_dir: str | Path,
+    name: str,
+    rows: np.ndarray,
+    images: np.ndarray,
+    storage_options: dict | None = None,
+) -> list[str]:
+    """`<truth_dir>/<edit>/<row:08d>.png` (a folder or URL): the render stage's extra column."""
+    from stages.render import encode_image, row_file
+    from store import fs as storefs
 
-    from stages.render import row_file
-
-    folder = Path(truth_dir) / name
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = storefs.join(str(truth_dir), name)
+    storefs.makedirs(folder, storage_options)
     paths = []
     for r, im in zip(rows.tolist(), images, strict=True):
-        p = folder / row_file(int(r), ".png")
-        Image.fromarray(im).save(p)
+        p = storefs.join(folder, row_file(int(r), ".png"))
+        storefs.write_bytes(p, encode_image(im, "png"), storage_options)
         paths.append(p)
     return paths
 
@@ -394,6 +397,7 @@ def run(
     from stages.render import discover_edits
     from stages.world_eval import scenes_for_ids
     from store import RowStore
+    from store import fs as storefs
 
     t0 = time.perf_counter()
     clip_ref = clip_ref or ClipRef()
@@ -401,14 +405,20 @@ def run(
     device = resolve_device(execution.device)
     if device != "cpu":  # the judge and the renderer are numpy; the models are small
         device = "cpu"
-    names = list(cfg.edits) or discover_edits(cfg.edits_dir)
+    so = execution.storage_options
+    storefs.check_reachable(cfg.out, so)
+    names = list(cfg.edits) or discover_edits(cfg.edits_dir, so)
     if not names:
         raise WorldEvaluateError(f"no edits in {cfg.edits_dir} (run `deltaedit edit` first)")
-    stores = {n: RowStore.open(f"{cfg.edits_dir.rstrip('/')}/{n}.zarr") for n in names}
+    stores = {
+        n: RowStore.open(storefs.join(cfg.edits_dir, f"{n}.zarr"), storage_options=so)
+        for n in names
+    }
     urls = dataset_urls(cfg.store)
-    src, c_store = RowStore.open(urls["s"]), RowStore.open(urls["clip"])
+    src = RowStore.open(urls["s"], storage_options=so)
+    c_store = RowStore.open(urls["clip"], storage_options=so)
     layout = SLayout.from_dict(src.attrs["layout"])
-    ids = _manifest_ids(urls["manifest"], src.n_rows)
+    ids = _manifest_ids(urls["manifest"], src.n_rows, so)
     if ids is None:
         raise WorldEvaluateError(f"{urls['manifest']}: no row ids (run `deltaedit ingest`)")
     generator = generator or load_generator_ref(generator_ref or GeneratorRef(), device)
@@ -416,12 +426,12 @@ def run(
     if e4e is None and "truth_reconstruction" in cfg.methods and e4e_ref is not None:
         e4e = load_e4e_ref(e4e_ref, device)
     mapper = None
-    if "oracle_image_delta" in cfg.methods and Path(cfg.mapper).exists():
-        mapper, _ = _load_mapper(cfg.mapper, layout, clip.embed_dim)
+    if "oracle_image_delta" in cfg.methods and storefs.exists(cfg.mapper, so):
+        mapper, _ = _load_mapper(cfg.mapper, layout, clip.embed_dim, so)
         mapper = mapper.eval()
     relevance = None
-    if "global_direction" in cfg.methods and Path(cfg.relevance).exists():
-        relevance = load_relevance(cfg.relevance)
+    if "global_direction" in cfg.methods and storefs.exists(cfg.relevance, so):
+        relevance = load_relevance(cfg.relevance, so)
     models = Models(generator, clip, clip_ref.preprocessing, e4e, mapper, relevance)
 
     metrics: dict[str, Any] = {"edits": {}, "targets": {k: list(v) for k, v in TARGETS.items()}}
@@ -432,7 +442,7 @@ def run(
         if len(ok) == 0:
             log(f"world evaluate {n}: no edited rows, skipped")
             continue
-        rows, where = held_out_rows(cfg.mapper, cfg.store, ok, cfg.n_rows, cfg.seed)
+        rows, where = held_out_rows(cfg.mapper, cfg.store, ok, cfg.n_rows, cfg.seed, so)
         try:
             world, scenes = scenes_for_ids(cfg.labels, [str(ids[r]) for r in rows])
         except (KeyError, FileNotFoundError) as exc:
@@ -449,7 +459,7 @@ def run(
         # ground truth for every edited row: the gallery's extra column
         _, all_scenes = scenes_for_ids(cfg.labels, [str(ids[r]) for r in ok])
         truth = truth_images_for(all_scenes, rep["attribute"], rep["value"], world)
-        write_truth(cfg.truth_dir, n, ok, truth)
+        write_truth(cfg.truth_dir, n, ok, truth, so)
         e = rep["methods"]["edit"]
         log(
             f"world evaluate {n} ({rep['attribute']} -> {rep['value']}): target "
@@ -458,12 +468,11 @@ def run(
             f"{_f(e.get('centroid_drift_px'))} px on {e.get('n_scored')} {where} rows"
         )
     metrics["families"] = by_family(metrics["edits"])
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    out = storefs.join(cfg.out, "metrics.json")
+    storefs.write_text_atomic(out, json.dumps(metrics, indent=2, sort_keys=True), so)
     log(
         f"world evaluate: {len(metrics['edits'])} edits in {time.perf_counter() - t0:.1f} s -> "
-        f"{out / 'metrics.json'}, ground truth in {cfg.truth_dir}"
+        f"{out}, ground truth in {cfg.truth_dir}"
     )
     return metrics
 

@@ -174,8 +174,10 @@ def load_state(cfg: GanConfig, world: WorldConfig, folder: Path) -> GanState | N
     if not path.exists():
         return None
     tensors, meta = load_checkpoint(path)
-    world_now = {k: v for k, v in _plain(dataclasses.asdict(world)).items() if k != "out_dir"}
-    world_then = {k: v for k, v in meta.get("world", {}).items() if k != "out_dir"}
+    # the dataset's size and folder do not shape the run (it draws n_train renders itself)
+    ignored = ("out_dir", "n_images")
+    world_now = {k: v for k, v in _plain(dataclasses.asdict(world)).items() if k not in ignored}
+    world_then = {k: v for k, v in meta.get("world", {}).items() if k not in ignored}
     diff = config_diff(run_config(cfg), meta.get("config", {}), "world_gan")
     diff += config_diff(world_now, world_then, "world")
     if diff:

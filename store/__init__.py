@@ -9,6 +9,7 @@ from store.errors import (
     MissingArray,
     NotAStore,
     SchemaTooNew,
+    StorageError,
     StoreError,
 )
 from store.lease import LeaseHeld, LeaseLost, hold_lease, read_lease
@@ -30,6 +31,7 @@ __all__ = [
     "SamplerSource",
     "SchemaTooNew",
     "Status",
+    "StorageError",
     "StoreError",
     "hold_lease",
     "ok_rows",

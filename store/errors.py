@@ -7,6 +7,11 @@ class StoreError(Exception):
     """A store problem a user can act on; the message is one line: what is wrong, what to run."""
 
 
+class StorageError(StoreError):
+    """A location that cannot be used: no fsspec implementation for its scheme, an
+    unreachable endpoint, refused credentials, bad storage options."""
+
+
 class NotAStore(StoreError):
     """The path holds no deltaedit store (missing, not Zarr, or a Zarr group of another tool)."""
 

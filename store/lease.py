@@ -43,10 +43,10 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from store.errors import StoreError
+from store.fs import filesystem
 
 LEASE_SUFFIX = ".lease.json"
 DEFAULT_TIMEOUT_MINUTES = 10.0
@@ -108,7 +108,7 @@ def lease_url(store_url: str) -> str:
 
 def read_lease(store_url: str, storage_options: dict | None = None) -> LeaseInfo | None:
     """The lease now held on `store_url`, None when there is none (or it is unreadable)."""
-    fs, path = fsspec.core.url_to_fs(lease_url(store_url), **(storage_options or {}))
+    fs, path = filesystem(lease_url(store_url), storage_options)
     info = _read(fs, path)
     return info if isinstance(info, LeaseInfo) else None
 
@@ -185,7 +185,7 @@ def hold_lease(
         raise StoreError(f"lease timeout must be > 0 minutes, got {timeout_minutes!r}")
     where = lease_url(store_url)
     try:
-        fs, path = fsspec.core.url_to_fs(where, **(storage_options or {}))
+        fs, path = filesystem(where, storage_options)
         lease, note = _acquire(store_url, fs, path, pass_name, break_lease, timeout_minutes)
     except OSError as exc:
         raise StoreError(

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import google_crc32c
 import numpy as np
 import zarr
 import zarr.errors
 
+from store import fs as storefs
 from store.errors import (
     FingerprintMismatch,
     IncompletePass,
@@ -106,9 +106,10 @@ def _hint(attrs: dict) -> str:
     return f"deltaedit {stage}" if stage else "the stage that writes it"
 
 
-def _open_group(url: str, mode: str) -> zarr.Group:
+def _open_group(url: str, mode: str, storage_options: dict | None = None) -> zarr.Group:
+    kwargs = storefs.zarr_options(url, storage_options)
     try:
-        return zarr.open_group(url, mode=mode)
+        return zarr.open_group(url, mode=mode, **kwargs)
     except (FileNotFoundError, zarr.errors.NodeNotFoundError, NotADirectoryError):
         raise NotAStore(
             f"{url}: no store there (no Zarr group); run the stage that writes it first, "
@@ -138,8 +139,9 @@ def _check_schema(url: str, attrs: dict) -> None:
 class RowStore:
     """One stage output: row-aligned arrays + status + per-block done marks."""
 
-    def __init__(self, url: str, group: zarr.Group) -> None:
+    def __init__(self, url: str, group: zarr.Group, storage_options: dict | None = None) -> None:
         self.url = url
+        self.storage_options = dict(storage_options or {})
         self._group = group
         attrs = dict(group.attrs)
         _check_schema(url, attrs)
@@ -162,12 +164,14 @@ class RowStore:
         arrays: dict[str, ArraySpec],
         attrs: dict,
         mode: str = "resume",
+        storage_options: dict | None = None,
     ) -> RowStore:
         """Create the group with every array at its final shape, or reopen it to resume.
 
         mode "resume": an existing store with the same arrays, shapes and attrs is opened to
         continue (done blocks are kept); another fingerprint -> FingerprintMismatch; other
         differences -> StoreError. mode "overwrite": delete whatever is there and start empty.
+        storage_options: fsspec options for a URL (endpoint, credentials); unused for paths.
         """
         url = str(url)
         if mode not in ("resume", "overwrite"):
@@ -196,12 +200,13 @@ class RowStore:
             "rows_per_shard": int(rows_per_shard),
             "arrays": {k: v.to_dict() for k, v in specs.items()},
         }
-        existing = cls._try_open_existing(url, set(specs))
+        so = storage_options
+        existing = cls._try_open_existing(url, set(specs), so)
         if existing is not None and mode == "resume":
             existing._check_arrays()
             existing._check_same(meta)
             return existing
-        group = zarr.open_group(url, mode="w")
+        group = _open_group(url, "w", so)
         for name, spec in specs.items():
             cls._create_array(group, name, spec, n_rows, rows_per_shard, user_attrs)
         cls._create_array(  # uncompressed: tiny, and block writes take the fast path
@@ -218,7 +223,7 @@ class RowStore:
             attributes={"about": "done mark per block, written after the block's data"},
         )
         group.attrs.update(meta)  # last: a group without these attrs is not a store yet
-        return cls(url, zarr.open_group(url, mode="r+"))
+        return cls(url, _open_group(url, "r+", so), so)
 
     @staticmethod
     def _create_array(
@@ -248,12 +253,14 @@ class RowStore:
         )
 
     @classmethod
-    def _try_open_existing(cls, url: str, names: set[str]) -> RowStore | None:
+    def _try_open_existing(
+        cls, url: str, names: set[str], storage_options: dict | None
+    ) -> RowStore | None:
         """The store at url, None if nothing (or only our own half-created group) is there.
 
         Refuses (NotAStore) to touch anything else: create never wipes foreign data.
         """
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = storefs.filesystem(url, storage_options)
         if not fs.exists(path):
             return None
         if not fs.exists(f"{path.rstrip('/')}/zarr.json"):
@@ -263,11 +270,11 @@ class RowStore:
                 f"{url}: exists but is not a Zarr store; refusing to overwrite it: "
                 f"choose another output path or remove it yourself"
             )
-        group = _open_group(url, "r+")
+        group = _open_group(url, "r+", storage_options)
         attrs = dict(group.attrs)
         if not attrs and set(group.keys()) <= names | {STATUS, DONE}:
             return None  # an earlier create died before writing its attrs (its last step)
-        return cls(url, group)
+        return cls(url, group, storage_options)
 
     def _check_same(self, meta: dict) -> None:
         old = self._attrs
@@ -300,14 +307,19 @@ class RowStore:
 
     @classmethod
     def open(
-        cls, url: str, fingerprint: str | None = None, require_complete: bool = False
+        cls,
+        url: str,
+        fingerprint: str | None = None,
+        require_complete: bool = False,
+        storage_options: dict | None = None,
     ) -> RowStore:
         """Open an existing store (read/write). Checks schema, arrays, and the fingerprint if given.
 
-        require_complete: raise IncompletePass if any block is pending.
+        require_complete: raise IncompletePass if any block is pending. storage_options:
+        fsspec options for a URL (endpoint, credentials); unused for local paths.
         """
         url = str(url)
-        rs = cls(url, _open_group(url, "r+"))
+        rs = cls(url, _open_group(url, "r+", storage_options), storage_options)
         rs._check_arrays()
         if fingerprint is not None and rs._attrs.get("fingerprint") != fingerprint:
             raise FingerprintMismatch(

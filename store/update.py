@@ -17,10 +17,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 
 from store.errors import StoreError
+from store.fs import filesystem
 from store.rowstore import STATUS, ArraySpec, RowStore, _is_str_dtype, _jsonable
 from store.status import Status
 
@@ -86,14 +86,14 @@ def check_reuse(stores: list[RowStore], attrs: dict, arrays: dict[str, ArraySpec
             )
 
 
-def open_reuse(url: str, name: str) -> RowStore:
+def open_reuse(url: str, name: str, storage_options: dict | None = None) -> RowStore:
     """A `--reuse` argument: a store, or a dataset folder holding `<name>.zarr`."""
-    fs, path = fsspec.core.url_to_fs(str(url))
+    fs, path = filesystem(str(url), storage_options)
     if not fs.exists(f"{path.rstrip('/')}/zarr.json") and fs.exists(
         f"{path.rstrip('/')}/{name}.zarr/zarr.json"
     ):
         url = f"{str(url).rstrip('/')}/{name}.zarr"
-    return RowStore.open(str(url))
+    return RowStore.open(str(url), storage_options=storage_options)
 
 
 # --- where each row comes from ------------------------------------------------------------
@@ -241,28 +241,28 @@ def _prev(url: str) -> str:
     return f"{str(url).rstrip('/')}.prev"
 
 
-def exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(str(url))
+def exists(url: str, storage_options: dict | None = None) -> bool:
+    fs, path = filesystem(str(url), storage_options)
     return bool(fs.exists(path))
 
 
-def remove(url: str) -> None:
-    fs, path = fsspec.core.url_to_fs(str(url))
+def remove(url: str, storage_options: dict | None = None) -> None:
+    fs, path = filesystem(str(url), storage_options)
     if fs.exists(path):
         fs.rm(path, recursive=True)
 
 
-def recover(url: str) -> None:
+def recover(url: str, storage_options: dict | None = None) -> None:
     """Finish or undo a swap killed half-way: `.prev` without final goes back to final;
     `.prev` beside a final (the swap got as far as the new store) is deleted."""
-    fs, final = fsspec.core.url_to_fs(str(url))
-    _, prev = fsspec.core.url_to_fs(_prev(url))
+    fs, final = filesystem(str(url), storage_options)
+    _, prev = filesystem(_prev(url), storage_options)
     if not fs.exists(prev):
         return
     if fs.exists(final):
         fs.rm(prev, recursive=True)
     else:
-        fs.mv(prev, final, recursive=True)
+        _move_tree(fs, prev, final)
 
 
 def _move_tree(fs, src: str, dst: str) -> None:
@@ -279,11 +279,11 @@ def _move_tree(fs, src: str, dst: str) -> None:
     fs.invalidate_cache()
 
 
-def swap_in(url: str, new_url: str) -> None:
+def swap_in(url: str, new_url: str, storage_options: dict | None = None) -> None:
     """final -> .prev, new -> final, .prev deleted (each step a rename; see recover)."""
-    fs, final = fsspec.core.url_to_fs(str(url))
-    _, new = fsspec.core.url_to_fs(str(new_url))
-    _, prev = fsspec.core.url_to_fs(_prev(url))
+    fs, final = filesystem(str(url), storage_options)
+    _, new = filesystem(str(new_url), storage_options)
+    _, prev = filesystem(_prev(url), storage_options)
     if fs.exists(final):
         _move_tree(fs, final, prev)
     _move_tree(fs, new, final)

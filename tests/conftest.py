@@ -17,3 +17,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A moto S3 server process on 127.0.0.1 (see tests/servers.py), for the session."""
+    from servers import start_s3
+
+    server = start_s3(tmp_path_factory.mktemp("moto"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def dask_cluster(tmp_path_factory):
+    """A `dask scheduler` process and two `dask worker` processes on 127.0.0.1."""
+    from servers import start_cluster
+
+    cluster = start_cluster(tmp_path_factory.mktemp("dask"), n_workers=2)
+    yield cluster
+    cluster.stop()
