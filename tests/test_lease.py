@@ -121,3 +121,41 @@ def test_unwritable_place_is_one_store_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match=r"cannot write there .*file"):
         with hold_lease(str(tmp_path / "file" / "clip.zarr"), "encode-clip"):
             pass
+
+
+def test_the_lease_holds_on_object_storage(s3_server) -> None:
+    """On a real S3 server (moto on loopback): no POSIX lock, the checked re-read decides.
+    One of two racing passes holds the lease, the other is refused naming it; released,
+    the lease object is gone; a pass with no heartbeat for too long is taken over."""
+    so = s3_server.options
+    store = f"s3://{s3_server.make_bucket('leases')}/ds/clip.zarr"
+    barrier = threading.Barrier(2)
+    outcome: list[str] = []
+
+    def take() -> None:
+        barrier.wait()
+        try:
+            with hold_lease(store, "encode-clip", storage_options=so):
+                outcome.append("held")
+                time.sleep(1.5)
+        except LeaseHeld as exc:
+            outcome.append(f"refused: {exc}")
+
+    threads = [threading.Thread(target=take) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(o.split(":")[0] for o in outcome) == ["held", "refused"], outcome
+    assert "in use by encode-clip" in next(o for o in outcome if o.startswith("refused"))
+    assert read_lease(store, so) is None
+
+    import s3fs
+
+    now = time.time()
+    info = LeaseInfo("someone", "elsewhere", 1, now - 3600, now - 11 * 60, "encode-s", "f" * 32)
+    s3fs.S3FileSystem(**so).pipe(lease_url(store).removeprefix("s3://"), info.to_json())
+    notes: list[str] = []
+    with hold_lease(store, "encode-clip", storage_options=so, log=notes.append):
+        assert read_lease(store, so).pass_name == "encode-clip"
+    assert notes and "no heartbeat for 11.0 min" in notes[0]
