@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from stages.common import ClipRef, E4ERef, ExecutionConfig, GeneratorRef
-from stages.world_evaluate import (
+from stages.world.evaluate import (
     FAMILIES,
     WorldEvaluateConfig,
     WorldEvaluateError,
@@ -68,10 +68,10 @@ def world_setup(tmp_path_factory):
     from stages.encode_s import EncodeSConfig, run_encode_s
     from stages.execution import load_e4e_ref, load_generator_ref
     from stages.ingest import IngestConfig, run_ingest
-    from stages.world import WorldConfig, counterfactual, render_many
-    from stages.world import run as run_world
-    from stages.world_eval import scenes_for_ids
-    from stages.world_evaluate import prompt_to_target
+    from stages.world.evaluate import prompt_to_target
+    from stages.world.render import WorldConfig, counterfactual, render_many
+    from stages.world.render import run as run_world
+    from stages.world.score import scenes_for_ids
     from store import ArraySpec, RowStore, Status
 
     base = tmp_path_factory.mktemp("we")
@@ -145,7 +145,7 @@ def _cfg(base: Path, **kw) -> WorldEvaluateConfig:
 
 @pytest.fixture(scope="module")
 def evaluated(world_setup):
-    from stages.world_evaluate import run
+    from stages.world.evaluate import run
 
     lines: list[str] = []
     metrics = run(_cfg(world_setup), GEN, CLIP, E4E, CPU, log=lines.append)
@@ -199,7 +199,7 @@ def test_metrics_file_and_truth_images_named_for_render(evaluated):
     from PIL import Image
 
     from stages.render import RenderConfig, _extra_image
-    from stages.world import counterfactual, load_labels, render
+    from stages.world.render import counterfactual, load_labels, render
 
     base, metrics, _ = evaluated
     on_disk = json.loads((base / "metrics" / "metrics.json").read_text())
@@ -219,7 +219,7 @@ def test_metrics_file_and_truth_images_named_for_render(evaluated):
 
 def test_bad_input_is_one_line(world_setup, tmp_path):
     from stages.config import ConfigError
-    from stages.world_evaluate import run
+    from stages.world.evaluate import run
 
     with pytest.raises(ConfigError):
         WorldEvaluateConfig(n_rows=0).validate()
@@ -240,7 +240,7 @@ def test_oracle_embeds_images_exactly_as_encode_clip(world_setup):
     from PIL import Image
 
     from stages.execution import load_clip_ref
-    from stages.world_evaluate import clip_embed
+    from stages.world.evaluate import clip_embed
     from store import RowStore
 
     c = RowStore.open(str(world_setup / "images" / "clip.zarr")).read("embed", rows=slice(0, 4))

@@ -15,7 +15,7 @@ For every edit in `edits_dir` whose target prompt names one world value
 * truth_reconstruction: e4e + generator applied to the counterfactual itself: the
                         ceiling this autoencoder allows.
 
-Each is scored by stages.world_eval.evaluate_edits (judge: target reached, others kept,
+Each is scored by stages.world.score.evaluate_edits (judge: target reached, others kept,
 PSNR and mask IoU vs the counterfactual, centroid drift). Results per edit and per
 family (color, shape, background, size) go to `<out>/metrics.json`; the counterfactual
 images go to `<truth_dir>/<edit>/<row:08d>.png`, the render stage's extra column.
@@ -37,7 +37,7 @@ import torch
 
 from stages.common import ClipRef, E4ERef, ExecutionConfig, GeneratorRef, resolve_device
 from stages.config import require
-from stages.world import HELD_OUT_SYNONYMS, SYNONYMS
+from stages.world.render import HELD_OUT_SYNONYMS, SYNONYMS
 
 FAMILIES: tuple[str, ...] = ("color", "shape", "background", "size")
 METHODS: tuple[str, ...] = (
@@ -226,7 +226,7 @@ def summary(report: dict) -> dict[str, Any]:
 
 
 def truth_images_for(scenes: Sequence[Any], attribute: str, value: str, world: Any) -> np.ndarray:
-    from stages.world import counterfactual, render_many
+    from stages.world.render import counterfactual, render_many
 
     return render_many([counterfactual(s, attribute, value) for s in scenes], world)
 
@@ -266,7 +266,7 @@ def evaluate_one(
     cfg: WorldEvaluateConfig,
 ) -> dict[str, Any]:
     """Every method's report for one edit (status unscorable when the prompt is not known)."""
-    from stages.world_eval import evaluate_edits
+    from stages.world.score import evaluate_edits
 
     targets = list(attrs.get("targets") or [])
     parsed = prompt_to_target(targets[0]) if len(targets) == 1 else None
@@ -395,7 +395,7 @@ def run(
     from stages.evaluate import held_out_rows
     from stages.execution import load_clip_ref, load_e4e_ref, load_generator_ref
     from stages.render import discover_edits
-    from stages.world_eval import scenes_for_ids
+    from stages.world.score import scenes_for_ids
     from store import RowStore
     from store import fs as storefs
 
