@@ -47,8 +47,8 @@ COUNTS = re.compile(r"^(ingest|encode-clip|encode-s): rows reused (\d+), compute
 
 
 def world_images(pool: Path, n: int) -> list[Path]:
-    from stages.world import WorldConfig
-    from stages.world import run as render
+    from stages.world.render import WorldConfig
+    from stages.world.render import run as render
 
     render(WorldConfig(n_images=n, seed=0), pool, progress=False)
     return sorted(pool.glob("*.png"))

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from stages.world import SHAPES, SIZES, WorldConfig, render_many, scenes
-from stages.world_eval import render_s
-from stages.world_judge import FIT_MARGIN, FIT_MIN, UNCLEAR, judge_images
-from stages.world_sspace import encode_s
+from stages.world.judge import FIT_MARGIN, FIT_MIN, UNCLEAR, judge_images
+from stages.world.render import SHAPES, SIZES, WorldConfig, render_many, scenes
+from stages.world.score import render_s
+from stages.world.sspace import encode_s
 
 
 def fit_stats(readings, truth) -> dict:

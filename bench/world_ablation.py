@@ -1,5 +1,5 @@
 """Ablation in the shapes world: what alpha, beta, levels, method and the mapper's training
-seed do to edits scored against the known truth (stages.world_eval / world_evaluate).
+seed do to edits scored against the known truth (stages.world.score / world_evaluate).
 
 Needs the default pipeline's outputs (`dvc repro`: data/images, data/world, data/relevance.zarr,
 data/mapper.safetensors). Edits are computed in memory with the edit stage's functions on the
@@ -45,14 +45,14 @@ from stages.edit import (  # noqa: E402
 from stages.evaluate import held_out_rows  # noqa: E402
 from stages.execution import load_clip_ref, load_generator_ref  # noqa: E402
 from stages.train import TrainConfig  # noqa: E402
-from stages.world_eval import evaluate_edits, scenes_for_ids  # noqa: E402
-from stages.world_evaluate import (  # noqa: E402
+from stages.world.evaluate import (  # noqa: E402
     FAMILIES,
     clip_embed,
     oracle_s,
     prompt_to_target,
     truth_images_for,
 )
+from stages.world.score import evaluate_edits, scenes_for_ids  # noqa: E402
 from store import RowStore  # noqa: E402
 
 LEVELS = {

@@ -13,7 +13,7 @@ Nothing here downloads. A model is either
   built in), initialized from ``seed``: tests and the default CPU pipeline;
 * a ``.safetensors`` written by :func:`save_clip` (config in the JSON beside it);
 * a LiT config registered with :func:`register_lit_config` (``"world-lit"`` in
-  stages/world_train.py): an open_clip image tower trained here, and as text tower a locked
+  stages/world/train.py): an open_clip image tower trained here, and as text tower a locked
   pretrained sentence model from an installed package (model/lit.py) plus a learned linear
   projection. Its checkpoint holds only the trained parts (image tower, projection,
   logit scale) and names the package, its version and the text tower's fingerprint;

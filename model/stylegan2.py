@@ -147,7 +147,7 @@ CONFIGS: dict[str, GeneratorConfig] = {
     "tiny-64": GeneratorConfig(64, 32, 2, {4: 32, 8: 32, 16: 32, 32: 16, 64: 16}),
     # the shapes world: 32 px
     "world-32": GeneratorConfig(32, 64, 2, {4: 64, 8: 64, 16: 64, 32: 32}),
-    # the shapes world trained the StyleGAN2 way (stages/world_gan.py): a 4-layer mapping
+    # the shapes world trained the StyleGAN2 way (stages/world/gan.py): a 4-layer mapping
     "world-gan-32": GeneratorConfig(32, 64, 4, {4: 64, 8: 64, 16: 64, 32: 32}),
     # the conformance fixture's architecture (stylegan2-small)
     "small-64": GeneratorConfig(64, 64, 2, {4: 64, 8: 64, 16: 64, 32: 64, 64: 32}),

@@ -6,10 +6,19 @@ Output under `render.out_dir`:
     <edit>/<row>.png             one file per ok row (or <edit>/shard-<block>.tar when shards)
     gallery/<edit>/<row>.png     the gallery sample, when the edit is written as tar shards
     extra/<edit>/<row>.png       the optional extra column (e.g. a ground-truth counterpart)
-    sheets/<edit>.png            before/after contact sheet with prompt and alpha written on it
+    sheets/<edit>.png            before/after contact sheet; its title names target, neutral, alpha
     index.html                   static gallery, relative links: opens from disk
 
 Files are named by row index (`00000042.png`); the gallery shows the manifest id.
+
+Rows can say what they are, from data (no stage knows what a dataset holds):
+`render.row_labels` names a JSON file `{row id: text}` (a caption under every row, e.g.
+"red small circle on white"); `render.row_marks` a JSON file
+`{"legend": text, "edits": {edit name: {row id: text}}}`: the rows to mark in that edit's
+sheet and gallery section (a coloured frame, the text under the row, the legend in the
+title), e.g. "already triangle" where the source already has the edit's target. A row id
+is the manifest id (the ingest's id), or the row index for a store without ids. The
+shapes world writes both files (`world evaluate`); any dataset's own labels can do the same.
 """
 
 from __future__ import annotations
@@ -54,6 +63,8 @@ class RenderConfig:
     seed: int = 0  # which rows the sheets and the gallery show
     extra_dir: str | None = None  # extra column: <extra_dir>/<edit>/<row>.png if present
     extra_label: str = "reference"
+    row_labels: str | None = None  # JSON {row id: caption} (path or URL), shown with each row
+    row_marks: str | None = None  # JSON {"legend": .., "edits": {edit: {row id: text}}}
     noise_mode: Literal["const", "random"] = "const"
 
     def validate(self) -> None:
@@ -134,6 +145,20 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font: Any) -> str:
     return text + "..."
 
 
+def _wrap(draw: ImageDraw.ImageDraw, text: str, width: int, font: Any) -> list[str]:
+    """Break text into lines of at most `width` pixels (at spaces; an overlong word is cut)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(_fit(draw, word, width, font))
+    return lines or [""]
+
+
+MARK_RGB = (230, 120, 0)  # the frame and text of a marked row (sheet and gallery)
+
+
 def contact_sheet(
     before: Sequence[np.ndarray],
     after: Sequence[np.ndarray],
@@ -142,10 +167,16 @@ def contact_sheet(
     tile: int = 128,
     extra: Sequence[np.ndarray | None] | None = None,
     extra_label: str = "reference",
+    notes: Sequence[str] = (),
+    marks: Sequence[str] = (),
+    legend: str = "",
 ) -> Image.Image:
     """One sheet: a title block (prompt, alpha ...), then per row `before | after [| extra]`.
 
-    before/after: uint8 [H, W, 3] images. labels: one caption per row (e.g. the id).
+    before/after: uint8 [H, W, 3] images. labels: one caption per row (e.g. the id);
+    notes: a second caption per row (e.g. what the row shows); marks: per row, "" or the
+    text of a mark (the row gets a coloured frame and the text); legend: what a mark means,
+    written in the title block when a row is marked. Long lines wrap.
     """
     font = _font()
     n = len(before)
@@ -153,30 +184,44 @@ def contact_sheet(
     pad, line = 6, 14
     label_w = 120
     width = label_w + cols * (tile + pad) + pad
-    head = pad + line * (len(title) + 1) + pad
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    head_lines = [w for t in title for w in _wrap(draw, t, width - 2 * pad, font)]
+    marked = any(m for m in marks[:n])
+    legend_lines = _wrap(draw, legend, width - 3 * pad - 10, font) if marked and legend else []
+    rows_text = []
+    for i in range(n):
+        text = [_fit(draw, labels[i], label_w - pad, font)] if i < len(labels) else []
+        if i < len(notes) and notes[i]:
+            text += _wrap(draw, notes[i], label_w - pad, font)
+        if i < len(marks) and marks[i]:
+            text += _wrap(draw, marks[i], label_w - pad, font)
+        rows_text.append(text[: max(1, tile // line)])
+    head = pad + line * (len(head_lines) + len(legend_lines) + 1) + pad
     height = head + n * (tile + pad) + pad
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    for i, text in enumerate(title):
-        draw.text(
-            (pad, pad + i * line),
-            _fit(draw, text, width - 2 * pad, font),
-            fill=(0, 0, 0),
-            font=font,
-        )
+    for i, text in enumerate(head_lines):
+        draw.text((pad, pad + i * line), text, fill=(0, 0, 0), font=font)
+    y_legend = pad + line * len(head_lines)
+    if legend_lines:
+        draw.rectangle([pad, y_legend + 1, pad + 9, y_legend + 10], outline=MARK_RGB, width=3)
+        for i, text in enumerate(legend_lines):
+            draw.text((2 * pad + 10, y_legend + i * line), text, fill=MARK_RGB, font=font)
     names = ["before", "after"] + ([extra_label] if extra is not None else [])
-    y0 = pad + line * len(title)
+    y0 = y_legend + line * len(legend_lines)
     for j, name in enumerate(names):
         draw.text((label_w + pad + j * (tile + pad), y0), name, fill=(80, 80, 80), font=font)
     for i in range(n):
         y = head + i * (tile + pad)
-        if i < len(labels):
-            draw.text(
-                (pad, y + tile // 2 - 6),
-                _fit(draw, labels[i], label_w - pad, font),
-                fill=(0, 0, 0),
-                font=font,
-            )
+        is_marked = i < len(marks) and bool(marks[i])
+        text = rows_text[i]
+        n_plain = len(text) - (len(_wrap(draw, marks[i], label_w - pad, font)) if is_marked else 0)
+        y_text = y + max(0, (tile - line * len(text)) // 2)
+        for k, t in enumerate(text):
+            colour = MARK_RGB if k >= n_plain else ((0, 0, 0) if k == 0 else (90, 90, 90))
+            draw.text((pad, y_text + k * line), t, fill=colour, font=font)
+        if is_marked:
+            draw.rectangle([label_w + 2, y - 2, width - 3, y + tile + 1], outline=MARK_RGB, width=2)
         row = [before[i], after[i]] + ([extra[i]] if extra is not None else [])
         for j, img in enumerate(row):
             x = label_w + pad + j * (tile + pad)
@@ -189,7 +234,8 @@ def contact_sheet(
 
 
 def edit_title(name: str, attrs: dict) -> list[str]:
-    """Lines written on a sheet / gallery header: prompt(s), neutral, alpha, beta, levels."""
+    """Lines written on a sheet / gallery header: the first names the target(s) with their
+    alphas and the neutral prompt; the second beta, levels and method."""
     if not attrs or attrs.get("stage") != "edit":
         return [name]
     targets = attrs.get("targets", [])
@@ -200,9 +246,8 @@ def edit_title(name: str, attrs: dict) -> list[str]:
         pull = attrs.get("mean_pull") or 0.0
         method = f"{method} (antisymmetric{f', mean pull {pull:g}' if pull else ''})"
     return [
-        f"{name}: {prompt}",
-        f"neutral '{attrs.get('neutral')}', beta {attrs.get('beta')}, "
-        f"levels {'/'.join(attrs.get('levels', []))}, method {method}",
+        f"{name}: target {prompt}, neutral '{attrs.get('neutral')}'",
+        f"beta {attrs.get('beta')}, levels {'/'.join(attrs.get('levels', []))}, method {method}",
     ]
 
 
@@ -213,6 +258,8 @@ def edit_title(name: str, attrs: dict) -> list[str]:
 class GalleryRow:
     label: str
     images: list[str | None]  # relative paths, one per column (None = empty cell)
+    note: str = ""  # a second caption (render.row_labels)
+    mark: str = ""  # non-empty: the row is marked, with this text (render.row_marks)
 
 
 @dataclass
@@ -221,6 +268,7 @@ class GallerySection:
     columns: list[str]
     rows: list[GalleryRow] = field(default_factory=list)
     sheet: str | None = None  # relative path of the contact sheet
+    legend: str = ""  # what a mark means (shown when a row is marked)
 
 
 GALLERY_SCRIPT = """
@@ -244,6 +292,10 @@ table { border-collapse: collapse; margin-bottom: 2em; }
 td, th { border: 1px solid #ccc; padding: 4px; text-align: center; }
 td img { width: 128px; height: 128px; image-rendering: pixelated; }
 h2 { margin-bottom: 0.2em; } p.sub { margin-top: 0; color: #555; }
+span.note { color: #555; font-size: small; }
+tr.marked td { background: #ffe3c2; } tr.marked td img { outline: 3px solid #e67800; }
+.mark { color: #b35c00; font-weight: bold; font-size: small; }
+span.swatch { display: inline-block; width: 0.8em; height: 0.8em; border: 3px solid #e67800; }
 """
 
 
@@ -269,11 +321,22 @@ def write_gallery(
             parts.append(f'<p class="sub">{e(sub)}</p>')
         if sec.sheet:
             parts.append(f'<p><a href="{e(sec.sheet)}">contact sheet</a></p>')
+        if sec.legend and any(r.mark for r in sec.rows):
+            parts.append(
+                f'<p class="legend"><span class="swatch"></span> '
+                f'<span class="mark">marked</span>: {e(sec.legend)}</p>'
+            )
         parts.append("<table><tr><th>row</th>")
         parts.extend(f"<th>{e(c)}</th>" for c in sec.columns)
         parts.append("</tr>")
         for row in sec.rows:
-            parts.append(f"<tr><td>{e(row.label)}</td>")
+            cell = e(row.label)
+            if row.note:
+                cell += f'<br><span class="note">{e(row.note)}</span>'
+            if row.mark:
+                cell += f'<br><span class="mark">{e(row.mark)}</span>'
+            tr = f'<tr class="marked" data-mark="{e(row.mark)}">' if row.mark else "<tr>"
+            parts.append(f"{tr}<td>{cell}</td>")
             for col, src in zip(sec.columns, row.images, strict=True):
                 if src is None:
                     parts.append("<td>-</td>")
@@ -286,6 +349,53 @@ def write_gallery(
     path = storefs.join(str(out_dir), "index.html")
     storefs.write_text_atomic(path, "\n".join(parts), storage_options)
     return path
+
+
+# --- row labels and marks (data from whoever knows the rows) ------------------------
+
+
+def _read_json(key: str, url: str, storage_options: dict | None) -> Any:
+    if not storefs.exists(url, storage_options):
+        raise ValueError(f"render.{key}: {url} not found (set render.{key}: null for none)")
+    try:
+        return json.loads(storefs.read_text(url, storage_options))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"render.{key}: {url} is not JSON ({exc})") from None
+
+
+def _text_map(key: str, url: str, value: Any, where: str) -> dict[str, str]:
+    ok = isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+    if not ok:
+        raise ValueError(f"render.{key}: {url}: {where} must map row ids to text")
+    return {str(k): v for k, v in value.items()}
+
+
+def load_row_labels(url: str, storage_options: dict | None = None) -> dict[str, str]:
+    """`render.row_labels`: a JSON object {row id: caption}."""
+    return _text_map("row_labels", url, _read_json("row_labels", url, storage_options), "it")
+
+
+@dataclass(frozen=True)
+class RowMarks:
+    """`render.row_marks`: per edit, the rows to mark and each one's text; what a mark means."""
+
+    legend: str = ""
+    edits: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+def load_row_marks(url: str, storage_options: dict | None = None) -> RowMarks:
+    """A JSON object {"legend": text, "edits": {edit name: {row id: text}}}."""
+    data = _read_json("row_marks", url, storage_options)
+    if not isinstance(data, dict) or not isinstance(data.get("edits"), dict):
+        raise ValueError(f'render.row_marks: {url}: expected {{"legend": ..., "edits": {{...}}}}')
+    legend = data.get("legend", "")
+    if not isinstance(legend, str):
+        raise ValueError(f"render.row_marks: {url}: legend must be text")
+    edits = {
+        str(name): _text_map("row_marks", url, rows, f"edits.{name}")
+        for name, rows in data["edits"].items()
+    }
+    return RowMarks(legend, edits)
 
 
 # --- stage --------------------------------------------------------------------------
@@ -531,6 +641,11 @@ def run(
     # --- sheets and gallery ---
     sheets = storefs.join(out, "sheets")
     label = (lambda r: f"{r}: {ids[r]}") if ids is not None else (lambda r: f"row {r}")
+    row_id = {int(r): str(ids[r]) if ids is not None else str(r) for r in shown.tolist()}
+    labels_of = load_row_labels(cfg.row_labels, so) if cfg.row_labels else {}
+    note = {r: labels_of.get(i, "") for r, i in row_id.items()}
+    row_marks = load_row_marks(cfg.row_marks, so) if cfg.row_marks else RowMarks()
+    marked_shown: dict[str, list[int]] = {}
     sections = []
     before_name = ORIGINALS if ORIGINALS in shown_imgs else None
     extras_dir = storefs.join(out, "extra")
@@ -538,6 +653,8 @@ def run(
         name = res.name
         attrs = edit_stores[name].attrs if name in edit_stores else {}
         title = edit_title(name, attrs) if name != ORIGINALS else ["originals (rendered from s)"]
+        marks_of = row_marks.edits.get(name, {})
+        mark = {r: marks_of.get(i, "") for r, i in row_id.items()}
         sheet_rows = [int(r) for r in shown[: cfg.sheet_rows]]
         extra_imgs = None
         if name != ORIGINALS and (extra is not None or cfg.extra_dir):
@@ -547,7 +664,16 @@ def run(
             a = [shown_imgs[name][r] for r in sheet_rows]
             ex = extra_imgs[: len(sheet_rows)] if extra_imgs is not None else None
             sheet = contact_sheet(
-                b, a, title, [label(r) for r in sheet_rows], cfg.sheet_tile, ex, cfg.extra_label
+                b,
+                a,
+                title,
+                [label(r) for r in sheet_rows],
+                cfg.sheet_tile,
+                ex,
+                cfg.extra_label,
+                notes=[note[r] for r in sheet_rows],
+                marks=[mark[r] for r in sheet_rows],
+                legend=row_marks.legend,
             )
             res.sheet = storefs.join(sheets, f"{name}.png")
             storefs.write_bytes_atomic(res.sheet, png_bytes(sheet), so)
@@ -555,7 +681,12 @@ def run(
         columns = ([ORIGINALS] if before_name and name != ORIGINALS else []) + [name]
         if extra_imgs is not None:
             columns.append(cfg.extra_label)
-        sec = GallerySection(title, columns, sheet=f"sheets/{name}.png" if res.sheet else None)
+        sec = GallerySection(
+            title,
+            columns,
+            sheet=f"sheets/{name}.png" if res.sheet else None,
+            legend=row_marks.legend,
+        )
         for i, r in enumerate(shown[: cfg.gallery_rows].tolist()):
             cells: list[str | None] = []
             if before_name and name != ORIGINALS:
@@ -569,12 +700,14 @@ def run(
                     dst = storefs.join(extras_dir, name, row_file(r, ".png"))
                     storefs.write_bytes(dst, encode_image(im, "png"), so)
                     cells.append(f"extra/{name}/{row_file(r, '.png')}")
-            sec.rows.append(GalleryRow(label(r), cells))
+            sec.rows.append(GalleryRow(label(r), cells, note[r], mark[r]))
         sections.append(sec)
+        marked_shown[name] = [r for r in row_id if mark[r]]
     page = write_gallery(out, sections, "deltaedit gallery", so)
     info = {
         "edits": [r.name for r in results],
         "rows_shown": shown.tolist(),
+        "rows_marked": marked_shown,  # per edit: the shown rows render.row_marks marks
         "format": cfg.format,
         "shards": cfg.shards,
     }

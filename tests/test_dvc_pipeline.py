@@ -88,6 +88,18 @@ def test_repro_runs_every_stage_then_nothing_then_only_what_a_prompt_touches(rep
     assert (dst / "data/render/index.html").exists()
     metrics = json.loads((dst / "data/metrics/edit/metrics.json").read_text())
     assert set(metrics["edits"]) >= {"blue", "triangle"}
+    # the gallery marks the rows the world says already have each edit's target
+    from stages.world.render import row_id
+
+    info = json.loads((dst / "data/render/render.json").read_text())
+    marks = json.loads((dst / "data/world_truth/row_marks.json").read_text())["edits"]
+    page = (dst / "data/render/index.html").read_text()
+    for name in ("blue", "triangle", "black_background", "large"):
+        want = [r for r in info["rows_shown"] if row_id(r) in marks[name]]
+        assert info["rows_marked"][name] == want, name
+        assert f"<h2>{name}: target &#x27;" in page and ", neutral &#x27;" in page
+    assert sum(map(len, info["rows_marked"].values())) >= 1
+    assert page.count('<tr class="marked"') == sum(map(len, info["rows_marked"].values()))
 
     second = _run(["dvc", "repro"], dst, env)
     assert _ran(second) == set()

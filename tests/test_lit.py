@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from model.clip import LitClipModel, load_clip, save_clip
 from model.lit import TEXT_PACKAGE, TextTowerError, load_text_tower, package_folder
 from pipeline.cli import main
-from stages.world import (
+from stages.world.render import (
     HELD_OUT_SYNONYMS,
     SYNONYMS,
     WorldConfig,
@@ -25,7 +25,7 @@ from stages.world import (
     scenes,
     zero_shot_prompts,
 )
-from stages.world_train import (
+from stages.world.train import (
     HELD_OUT_PHRASINGS,
     HELD_OUT_SEED_OFFSET,
     WORLD_LIT_NAME,

@@ -233,3 +233,113 @@ def test_render_tar_shards_jpeg_and_extra_column(edited, tmp_path):
     if CHROMIUM:
         data = open_in_chromium(out / "index.html")
         assert data["images-loaded"] == data["images-total"] and data["images-broken"] == "0"
+
+
+# --- row labels and marks: data saying what each row is -----------------------------------
+
+
+def _marked_rows(page: str) -> dict[int, str]:
+    """{row index: mark text} of the gallery rows drawn as marked (label cell "<row>: <id>")."""
+    return {
+        int(row): mark
+        for mark, row in re.findall(r'<tr class="marked" data-mark="([^"]*)"><td>(\d+):', page)
+    }
+
+
+def _row_band(sheet: np.ndarray, n_rows: int, i: int, tile: int = 64, pad: int = 6) -> np.ndarray:
+    """Row i of a contact sheet (label column and tiles, frame included)."""
+    head = sheet.shape[0] - n_rows * (tile + pad) - pad
+    y = head + i * (tile + pad)
+    return sheet[y - 2 : y + tile + 2]
+
+
+def test_render_marks_exactly_the_rows_the_marks_file_names(edited, tmp_path):
+    """A dataset's own labels: every row gets its caption, the rows named for an edit are
+    framed and say why, on the sheet and in the gallery; the title names target and neutral."""
+    import json
+
+    from stages.common import ExecutionConfig
+    from stages.render import MARK_RGB, run
+
+    ds, edits_dir, bad = edited
+    ok_rows = [r for r in range(12) if r not in bad]
+    labels = {f"img-{r:03d}": f"caption of row {r}" for r in range(20)}
+    marked = {ok_rows[0], ok_rows[2], ok_rows[3]}  # some shown, maybe some not
+    (tmp_path / "labels.json").write_text(json.dumps(labels))
+    marks = {
+        "legend": "already smiling: the edit does not apply",
+        "edits": {"smile": {f"img-{r:03d}": "already smiling" for r in marked}},
+    }
+    (tmp_path / "marks.json").write_text(json.dumps(marks))
+    common = {"gallery_rows": 12, "sheet_rows": 12, "row_labels": str(tmp_path / "labels.json")}
+    runs = {}
+    for name, extra in (("plain", {}), ("marked", {"row_marks": str(tmp_path / "marks.json")})):
+        out = tmp_path / name
+        cfg = render_config(ds, edits_dir, out, **(common | extra))
+        run(cfg, execution=ExecutionConfig(device="cpu"), generator=ds["G"], progress=False,
+            log=lambda _: None)  # fmt: skip
+        info = json.loads((out / "render.json").read_text())
+        page = (out / "index.html").read_text()
+        sheet = np.asarray(Image.open(out / "sheets" / "smile.png").convert("RGB"))
+        runs[name] = (info, page, sheet)
+    info, page, sheet = runs["marked"]
+    shown = info["rows_shown"]
+    want = sorted(marked & set(shown))
+    assert want  # the sample shows at least one marked row
+    assert info["rows_marked"]["smile"] == want
+    assert _marked_rows(page) == {r: "already smiling" for r in want}
+    assert "already smiling: the edit does not apply" in page
+    assert _marked_rows(runs["plain"][1]) == {} and "legend" not in runs["plain"][1]
+    for r in shown:  # every row says what it is, with or without marks
+        assert f"caption of row {r}" in page and f"caption of row {r}" in runs["plain"][1]
+    # the sheet: an orange frame around exactly the marked rows; unmarked rows unchanged
+    plain_sheet = runs["plain"][2]
+    assert sheet.shape[1] == plain_sheet.shape[1] and sheet.shape[0] > plain_sheet.shape[0]
+    n = len(shown)
+    for i, r in enumerate(shown):
+        band, before = _row_band(sheet, n, i), _row_band(plain_sheet, n, i)
+        frame = (band == np.array(MARK_RGB, np.uint8)).all(axis=2).sum()
+        if r in want:
+            assert frame > 2 * 2 * 64 and not np.array_equal(band, before), r
+        else:
+            assert frame == 0 and np.array_equal(band, before), r
+    # every sheet title (and gallery header) names target and neutral
+    assert "<h2>smile: target &#x27;smiling face&#x27; (alpha 2), neutral &#x27;face&#x27;" in page
+
+
+def test_row_label_files_bad_input_is_one_line(edited, tmp_path):
+    from stages.common import ExecutionConfig
+    from stages.render import run
+
+    ds, edits_dir, _ = edited
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "list.json").write_text('["a", "b"]')
+    (tmp_path / "marks.json").write_text('{"edits": {"smile": {"img-000": 3}}}')
+    cases = [
+        ({"row_labels": str(tmp_path / "none.json")}, "render.row_labels: .*none.json not found"),
+        ({"row_labels": str(tmp_path / "bad.json")}, "render.row_labels: .*is not JSON"),
+        ({"row_labels": str(tmp_path / "list.json")}, "must map row ids to text"),
+        ({"row_marks": str(tmp_path / "list.json")}, "render.row_marks: .*expected"),
+        ({"row_marks": str(tmp_path / "marks.json")}, "edits.smile must map row ids to text"),
+    ]
+    for kw, msg in cases:
+        cfg = render_config(ds, edits_dir, tmp_path / "out", **kw)
+        with pytest.raises(ValueError, match=msg) as exc:
+            run(cfg, execution=ExecutionConfig(device="cpu"), generator=ds["G"], progress=False,
+                log=lambda _: None)  # fmt: skip
+        assert "\n" not in str(exc.value)
+
+
+def test_sheet_title_wraps_instead_of_cutting_the_neutral():
+    from PIL import ImageDraw
+
+    from stages.render import _font, _wrap
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text = "black_background: target 'black background' (alpha 1), neutral 'white background'"
+    lines = _wrap(draw, text, 200, _font())
+    assert len(lines) > 1 and " ".join(lines) == text
+    assert all(draw.textlength(ln, font=_font()) <= 200 for ln in lines)
+    long = contact_sheet([image(0)], [image(1)], [text], ["a"], tile=64)
+    short = contact_sheet([image(0)], [image(1)], ["x"], ["a"], tile=64)
+    assert long.height > short.height  # the whole title is there, on more lines

@@ -10,7 +10,15 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.params import ParamError, section
-from stages.world import (
+from stages.world.judge import (
+    UNSCORABLE,
+    JudgeCheckConfig,
+    judge_check,
+    judge_images,
+    read_image,
+    score_target,
+)
+from stages.world.render import (
     ATTRIBUTES,
     HELD_OUT_SYNONYMS,
     SYNONYMS,
@@ -24,14 +32,6 @@ from stages.world import (
     sample_scene,
     scenes,
     zero_shot_prompts,
-)
-from stages.world_judge import (
-    UNSCORABLE,
-    JudgeCheckConfig,
-    judge_check,
-    judge_images,
-    read_image,
-    score_target,
 )
 
 
@@ -53,7 +53,7 @@ def test_render_is_antialiased_and_uses_the_palette():
     colours = {tuple(p) for p in img}
     assert len(colours) > 2  # edge pixels blend shape and background
     corner = render(s, cfg)[0, 0].astype(int)
-    from stages.world import BACKGROUNDS
+    from stages.world.render import BACKGROUNDS
 
     assert np.abs(corner - np.add(BACKGROUNDS[s.background], s.background_offset)).max() <= 1
 

@@ -1,11 +1,11 @@
-"""Scoring edits against the world's counterfactual truth (stages/world_eval.py)."""
+"""Scoring edits against the world's counterfactual truth (stages/world/score.py)."""
 
 import numpy as np
 import pytest
 import torch
 
-from stages.world import WorldConfig, counterfactual, render, scenes, to_unit
-from stages.world_eval import evaluate_edits, mask_iou, psnr_uint8, scenes_for_ids
+from stages.world.render import WorldConfig, counterfactual, render, scenes, to_unit
+from stages.world.score import evaluate_edits, mask_iou, psnr_uint8, scenes_for_ids
 
 
 class LookupGenerator(torch.nn.Module):
@@ -72,7 +72,7 @@ def test_metric_helpers_and_ids(tmp_path):
     m = np.zeros((4, 4))
     m[:2] = 1
     assert mask_iou(m, m) == 1.0 and mask_iou(m, 1 - m) == 0.0
-    from stages.world import run
+    from stages.world.render import run
 
     run(WorldConfig(seed=8, n_images=5), tmp_path, progress=False)
     world, sc = scenes_for_ids(tmp_path, ["000003", "000001"])

@@ -4,13 +4,14 @@ with baselines, metrics per family, ground-truth images named for the render ext
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from stages.common import ClipRef, E4ERef, ExecutionConfig, GeneratorRef
-from stages.world_evaluate import (
+from stages.world.evaluate import (
     FAMILIES,
     WorldEvaluateConfig,
     WorldEvaluateError,
@@ -68,10 +69,10 @@ def world_setup(tmp_path_factory):
     from stages.encode_s import EncodeSConfig, run_encode_s
     from stages.execution import load_e4e_ref, load_generator_ref
     from stages.ingest import IngestConfig, run_ingest
-    from stages.world import WorldConfig, counterfactual, render_many
-    from stages.world import run as run_world
-    from stages.world_eval import scenes_for_ids
-    from stages.world_evaluate import prompt_to_target
+    from stages.world.evaluate import prompt_to_target
+    from stages.world.render import WorldConfig, counterfactual, render_many
+    from stages.world.render import run as run_world
+    from stages.world.score import scenes_for_ids
     from store import ArraySpec, RowStore, Status
 
     base = tmp_path_factory.mktemp("we")
@@ -145,7 +146,7 @@ def _cfg(base: Path, **kw) -> WorldEvaluateConfig:
 
 @pytest.fixture(scope="module")
 def evaluated(world_setup):
-    from stages.world_evaluate import run
+    from stages.world.evaluate import run
 
     lines: list[str] = []
     metrics = run(_cfg(world_setup), GEN, CLIP, E4E, CPU, log=lines.append)
@@ -199,7 +200,7 @@ def test_metrics_file_and_truth_images_named_for_render(evaluated):
     from PIL import Image
 
     from stages.render import RenderConfig, _extra_image
-    from stages.world import counterfactual, load_labels, render
+    from stages.world.render import counterfactual, load_labels, render
 
     base, metrics, _ = evaluated
     on_disk = json.loads((base / "metrics" / "metrics.json").read_text())
@@ -219,7 +220,7 @@ def test_metrics_file_and_truth_images_named_for_render(evaluated):
 
 def test_bad_input_is_one_line(world_setup, tmp_path):
     from stages.config import ConfigError
-    from stages.world_evaluate import run
+    from stages.world.evaluate import run
 
     with pytest.raises(ConfigError):
         WorldEvaluateConfig(n_rows=0).validate()
@@ -240,7 +241,7 @@ def test_oracle_embeds_images_exactly_as_encode_clip(world_setup):
     from PIL import Image
 
     from stages.execution import load_clip_ref
-    from stages.world_evaluate import clip_embed
+    from stages.world.evaluate import clip_embed
     from store import RowStore
 
     c = RowStore.open(str(world_setup / "images" / "clip.zarr")).read("embed", rows=slice(0, 4))
@@ -278,3 +279,58 @@ def test_cli_world_evaluate(world_setup, tmp_path):
         ["world", "evaluate", "--params", str(tmp_path / "params.yaml"), "--n-rows", "0"],
     )
     assert bad.exit_code != 0 and "n_rows" in bad.output and "Traceback" not in bad.output
+
+
+def test_row_labels_and_marks_for_render(evaluated, tmp_path):
+    """The world says what each row is, as data: a caption per row and, per scorable edit,
+    the rows whose source already has the target. Render (which imports nothing of the
+    world) marks exactly those rows in the gallery."""
+    from stages.execution import load_generator_ref
+    from stages.render import RenderConfig, run
+    from stages.world.render import load_labels
+
+    base, metrics, _ = evaluated
+    _, scenes, rows = load_labels(base / "world")
+    labels = json.loads((base / "truth" / "row_labels.json").read_text())
+    assert labels == {
+        r["id"]: f"{s.color} {s.size} {s.shape} on {s.background}"
+        for r, s in zip(rows, scenes, strict=True)
+    }
+    doc = json.loads((base / "truth" / "row_marks.json").read_text())
+    assert "already has the edit's target" in doc["legend"]
+    assert set(doc["edits"]) == {"blue", "triangle", "black_background", "large"}  # no fluffy
+    texts = {
+        "blue": ("color", "blue", "already blue"),
+        "triangle": ("shape", "triangle", "already triangle"),
+        "black_background": ("background", "black", "already black background"),
+        "large": ("size", "large", "already large"),
+    }
+    for name, (attribute, value, text) in texts.items():
+        pairs = zip(rows, scenes, strict=True)
+        want = {r["id"]: text for r, s in pairs if getattr(s, attribute) == value}
+        assert doc["edits"][name] == want, name
+        assert 0 < len(want) < len(rows), name  # a 32-row world has both kinds
+        assert metrics["edits"][name]["status"] == "ok"
+    out = tmp_path / "render"
+    cfg = RenderConfig(
+        edits=("triangle",),
+        edits_dir=str(base / "edits"),
+        store=str(base / "images"),
+        out_dir=str(out),
+        sheet_rows=8,
+        gallery_rows=32,
+        row_labels=str(base / "truth" / "row_labels.json"),
+        row_marks=str(base / "truth" / "row_marks.json"),
+    )
+    run(cfg, execution=CPU, generator=load_generator_ref(GEN, "cpu"), progress=False,
+        log=lambda _: None)  # fmt: skip
+    page = (out / "index.html").read_text()
+    marked = set(re.findall(r'<tr class="marked" data-mark="already triangle"><td>(\d+):', page))
+    from store import RowStore
+
+    ids = [str(i) for i in RowStore.open(str(base / "images" / "manifest.zarr")).read("ids")]
+    by_id = {r["id"]: s for r, s in zip(rows, scenes, strict=True)}
+    want_rows = {str(r) for r, i in enumerate(ids) if by_id[i].shape == "triangle"}
+    assert marked == want_rows
+    assert page.count('<tr class="marked"') == len(want_rows)  # only in triangle's section
+    assert f"{scenes[0].color} {scenes[0].size} {scenes[0].shape}" in page

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 from model.stylegan2 import create_generator, load_generator, save_generator
-from stages.world import WorldConfig, render, sample_scene
-from stages.world_e4e import EncoderTrainConfig
-from stages.world_e4e import train_chunk as train_e4e
-from stages.world_gan import GanConfig, mixed_wplus, train_chunk
-from stages.world_judge import UNCLEAR, judge_images, read_image
+from stages.world.e4e import EncoderTrainConfig
+from stages.world.e4e import train_chunk as train_e4e
+from stages.world.gan import GanConfig, mixed_wplus, train_chunk
+from stages.world.judge import UNCLEAR, judge_images, read_image
+from stages.world.render import WorldConfig, render, sample_scene
 
 WORLD = WorldConfig(seed=0)
 QUIET = dict(log=lambda s: None)
@@ -154,8 +154,8 @@ def test_judge_says_unclear_for_blobs_and_specks_not_a_forced_shape():
 
 
 def test_sspace_report_on_the_committed_world_models():
-    from stages.world_sspace import FAMILIES, s_space_report
-    from stages.world_train import load_world_models
+    from stages.world.sspace import FAMILIES, s_space_report
+    from stages.world.train import load_world_models
 
     G, E, _ = load_world_models(Path(__file__).resolve().parents[1] / "weights" / "world")
     rep = s_space_report(G, E, WORLD, n_rows=12)

@@ -13,8 +13,8 @@ from model.clip import load_clip, register_config
 from model.e4e import E4EConfig, load_e4e
 from model.stylegan2 import GeneratorConfig, load_generator
 from pipeline.cli import main
-from stages.world import WorldConfig, sample_caption, sample_scene, scenes
-from stages.world_train import (
+from stages.world.render import WorldConfig, sample_caption, sample_scene, scenes
+from stages.world.train import (
     HELD_OUT_SEED_OFFSET,
     WorldTrainConfig,
     fit_matrix,
@@ -62,7 +62,7 @@ def test_fixed_torgb_styles_stay_one_and_counterfactual_pairs_train():
     """ae_torgb_styles fixed: every toRGB style is 1 for any w after training, the conv
     styles still vary; ae_cf_sparsity: the S difference of counterfactual pairs is scored
     and logged, and a sparse difference scores lower than a dense one."""
-    from stages.world_train import s_sparsity
+    from stages.world.train import s_sparsity
 
     torch.manual_seed(0)
     data = make_data(WorldConfig(seed=1), 48)
@@ -90,7 +90,7 @@ def test_fixed_torgb_styles_stay_one_and_counterfactual_pairs_train():
 def test_gradient_l1_scores_a_blurred_corner_and_not_a_shift_in_level():
     """ae_grad_l1 adds an L1 on pixel differences: a blurred edge costs more with it, a
     constant offset (same edges) costs nothing extra."""
-    from stages.world_train import ae_loss
+    from stages.world.train import ae_loss
 
     x = torch.zeros(1, 3, 8, 8)
     x[..., 2:6, 2:6] = 1.0  # a square

@@ -41,7 +41,7 @@ def render_cmd(
     seed: int | None,
 ) -> None:
     """Render the world into a folder: {id}.png per row + labels.json (deterministic by seed)."""
-    from stages.world import WorldConfig, run
+    from stages.world.render import WorldConfig, run
 
     params = load(
         params_path,
@@ -70,8 +70,8 @@ def render_cmd(
 def train_cmd(params_path: str, sets: tuple[str, ...], only: str, out_dir: str | None) -> None:
     """Train the world's generator + e4e encoder (autoencoder) and its tiny CLIP."""
     from model.checkpoint import CheckpointError
-    from stages.world import WorldConfig
-    from stages.world_train import WorldTrainConfig, run
+    from stages.world.render import WorldConfig
+    from stages.world.train import WorldTrainConfig, run
 
     params = load(params_path, sets, {"world_train.out_dir": out_dir})
     world_cfg = config(params, "world", WorldConfig)
@@ -119,7 +119,7 @@ def _train_chunk(
 ) -> None:
     """One time-boxed chunk of a resumable world training run (`section` of params)."""
     from model.checkpoint import CheckpointError
-    from stages.world import WorldConfig
+    from stages.world.render import WorldConfig
 
     name = "world train-" + section.split("_")[1]
     params = load(
@@ -144,7 +144,7 @@ def train_gan_cmd(
     """Train the world generator the StyleGAN2 way (mapping network, style mixing,
     non-saturating loss, lazy R1, EMA) for one time-boxed chunk; rerun to continue
     from the run folder's state (bitwise the same as one long run)."""
-    from stages.world_gan import GanConfig, train_chunk
+    from stages.world.gan import GanConfig, train_chunk
 
     _train_chunk("world_gan", GanConfig, train_chunk, params_path, sets, minutes, out_dir)
 
@@ -157,7 +157,7 @@ def train_e4e_cmd(
     """Train the world encoder the e4e way into the (frozen) GAN generator: latent loss
     on generated samples with known W+, image loss on samples and world renders; one
     time-boxed chunk, rerun to continue."""
-    from stages.world_e4e import EncoderTrainConfig, train_chunk
+    from stages.world.e4e import EncoderTrainConfig, train_chunk
 
     _train_chunk("world_e4e", EncoderTrainConfig, train_chunk, params_path, sets, minutes, out_dir)
 
@@ -180,8 +180,8 @@ def sspace_cmd(params_path: str, sets: tuple[str, ...], n_rows: int, out_path: s
     from model.e4e import load_e4e
     from model.stylegan2 import load_generator
     from stages.common import E4ERef, GeneratorRef
-    from stages.world import WorldConfig
-    from stages.world_sspace import s_space_report
+    from stages.world.render import WorldConfig
+    from stages.world.sspace import s_space_report
 
     params = load(params_path, sets)
     world_cfg = config(params, "world", WorldConfig)
@@ -219,8 +219,8 @@ def sspace_cmd(params_path: str, sets: tuple[str, ...], n_rows: int, out_path: s
 def judge_check_cmd(params_path: str, sets: tuple[str, ...], out_path: str | None) -> None:
     """Measure the independent judge's accuracy on fresh clean renders (fails below the
     required accuracy)."""
-    from stages.world import WorldConfig
-    from stages.world_judge import JudgeCheckConfig, judge_check
+    from stages.world.judge import JudgeCheckConfig, judge_check
+    from stages.world.render import WorldConfig
 
     params = load(params_path, sets)
     world_cfg = config(params, "world", WorldConfig)
@@ -252,7 +252,7 @@ def evaluate_cmd(
     no-edit, oracle image-delta, global-direction and truth-reconstruction baselines."""
     from model.checkpoint import CheckpointError
     from stages.common import ClipRef, E4ERef, ExecutionConfig, GeneratorRef
-    from stages.world_evaluate import WorldEvaluateConfig, family_table, run
+    from stages.world.evaluate import WorldEvaluateConfig, family_table, run
     from store import StoreError
 
     params = load(

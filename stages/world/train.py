@@ -43,7 +43,7 @@ from model.clip import (
 from model.lit import TEXT_PACKAGE
 from stages.common import check_device, resolve_device
 from stages.config import require
-from stages.world import (
+from stages.world.render import (
     ATTRIBUTES,
     SYNONYMS,
     Scene,
@@ -550,7 +550,7 @@ def run(
     if only in ("all", "autoencoder"):
         from model.e4e import save_e4e
         from model.stylegan2 import save_generator
-        from stages.world_judge import judge_images
+        from stages.world.judge import judge_images
 
         G, E, log = train_autoencoder(cfg, train, progress, world=world)
         save_generator(G, out / "generator.safetensors")
@@ -625,8 +625,8 @@ def combined_metrics(
     """Metrics of the saved models together: CLIP zero-shot on reconstructions, and the
     ceiling of each ORACLE_EDITS edit (the encoder's code of the true counterfactual,
     scored like an edit: what a perfect mapper could reach)."""
-    from stages.world import counterfactual
-    from stages.world_eval import evaluate_edits
+    from stages.world.render import counterfactual
+    from stages.world.score import evaluate_edits
 
     G, E, clip = load_world_models(folder)
     recon = reconstruct(G, E, held.images).clamp(-1, 1)

@@ -40,7 +40,7 @@ from model.discriminator import DiscriminatorConfig, create_discriminator
 from model.stylegan2 import Generator, create_generator, save_generator
 from stages.common import check_device, resolve_device
 from stages.config import require
-from stages.world import WorldConfig, from_unit, render_many, scenes
+from stages.world.render import WorldConfig, from_unit, render_many, scenes
 
 # keys that may change between chunks of one run (time boxes, logging, where it runs)
 RESUMABLE_KEYS = ("iterations", "chunk_minutes", "log_every", "threads", "device", "out_dir")

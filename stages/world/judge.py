@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stages.config import require
-from stages.world import (
+from stages.world.render import (
     AREA_PER_R2,
     ATTRIBUTES,
     BACKGROUNDS,

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from model.layout import LEVELS
-from stages.world import WorldConfig, counterfactual, render_many, scenes, to_unit
-from stages.world_eval import evaluate_edits, render_s
-from stages.world_judge import judge_images
+from stages.world.judge import judge_images
+from stages.world.render import WorldConfig, counterfactual, render_many, scenes, to_unit
+from stages.world.score import evaluate_edits, render_s
 
 FAMILIES: tuple[tuple[str, str], ...] = (
     ("color", "blue"),

@@ -30,8 +30,8 @@ from model.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoin
 from model.e4e import E4E, create_e4e, save_e4e
 from model.stylegan2 import Generator, load_generator
 from stages.config import require
-from stages.world import WorldConfig, from_unit
-from stages.world_gan import config_diff, flatten_optimizer, load_optimizer, render_reals
+from stages.world.gan import config_diff, flatten_optimizer, load_optimizer, render_reals
+from stages.world.render import WorldConfig, from_unit
 
 RESUMABLE_KEYS = ("iterations", "chunk_minutes", "log_every", "threads", "out_dir")
 

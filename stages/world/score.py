@@ -2,7 +2,7 @@
 
 Given the source scenes of some rows, their edited S codes and the edit's
 (attribute, value), `evaluate_edits` renders the edited codes with the world
-generator, reads them with the independent judge (stages/world_judge.py, no CLIP)
+generator, reads them with the independent judge (stages/world/judge.py, no CLIP)
 and compares them with the counterfactual ground truth (the same scene with only
 that attribute changed):
 
@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.world import (
+from stages.world.judge import UNSCORABLE, judge_images, knows, read_image
+from stages.world.render import (
     ATTRIBUTES,
     Scene,
     WorldConfig,
@@ -32,7 +33,6 @@ from stages.world import (
     load_labels,
     render,
 )
-from stages.world_judge import UNSCORABLE, judge_images, knows, read_image
 
 IOU_THRESHOLD = 0.5  # coverage above this counts as inside the shape
 

@@ -15,11 +15,18 @@ For every edit in `edits_dir` whose target prompt names one world value
 * truth_reconstruction: e4e + generator applied to the counterfactual itself: the
                         ceiling this autoencoder allows.
 
-Each is scored by stages.world_eval.evaluate_edits (judge: target reached, others kept,
+Each is scored by stages.world.score.evaluate_edits (judge: target reached, others kept,
 PSNR and mask IoU vs the counterfactual, centroid drift). Results per edit and per
 family (color, shape, background, size) go to `<out>/metrics.json`; the counterfactual
 images go to `<truth_dir>/<edit>/<row:08d>.png`, the render stage's extra column.
 A prompt naming no world value is reported "unscorable", never given a score.
+
+For the render stage, which knows nothing of the world, two data files in `truth_dir`:
+`row_labels.json` ({row id: "red small circle on white"}, every store row the labels
+know) and `row_marks.json` ({"legend": ..., "edits": {edit: {row id: "already triangle"}}}:
+per scorable edit, the edited rows whose source already has the target, where the edit
+does not apply and which the scores leave out). `render.row_labels` / `render.row_marks`
+name them.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import torch
 
 from stages.common import ClipRef, E4ERef, ExecutionConfig, GeneratorRef, resolve_device
 from stages.config import require
-from stages.world import HELD_OUT_SYNONYMS, SYNONYMS
+from stages.world.render import HELD_OUT_SYNONYMS, SYNONYMS
 
 FAMILIES: tuple[str, ...] = ("color", "shape", "background", "size")
 METHODS: tuple[str, ...] = (
@@ -226,7 +233,7 @@ def summary(report: dict) -> dict[str, Any]:
 
 
 def truth_images_for(scenes: Sequence[Any], attribute: str, value: str, world: Any) -> np.ndarray:
-    from stages.world import counterfactual, render_many
+    from stages.world.render import counterfactual, render_many
 
     return render_many([counterfactual(s, attribute, value) for s in scenes], world)
 
@@ -252,6 +259,48 @@ def write_truth(
     return paths
 
 
+MARK_LEGEND = "the source already has the edit's target: the edit does not apply (not scored)"
+
+
+def row_caption(scene: Any) -> str:
+    """What a world row shows, in words: "red small circle on white"."""
+    return f"{scene.color} {scene.size} {scene.shape} on {scene.background}"
+
+
+def already_text(attribute: str, value: str) -> str:
+    """The mark of a row that already has the target: "already triangle"."""
+    return f"already {value}" + (" background" if attribute == "background" else "")
+
+
+def row_marks(
+    ids: Sequence[str], scenes: Sequence[Any], attribute: str, value: str
+) -> dict[str, str]:
+    """{row id: mark} for the rows whose source scene already has `attribute` = `value`."""
+    text = already_text(attribute, value)
+    return {
+        str(i): text for i, sc in zip(ids, scenes, strict=True) if getattr(sc, attribute) == value
+    }
+
+
+def write_row_files(
+    truth_dir: str,
+    labels: dict[str, str],
+    marks: dict[str, dict[str, str]],
+    storage_options: dict | None = None,
+) -> tuple[str, str]:
+    """`<truth_dir>/row_labels.json` and `row_marks.json`: what render.row_labels and
+    render.row_marks read."""
+    from store import fs as storefs
+
+    storefs.makedirs(truth_dir, storage_options)
+    p_labels = storefs.join(truth_dir, "row_labels.json")
+    p_marks = storefs.join(truth_dir, "row_marks.json")
+    storefs.write_text_atomic(p_labels, json.dumps(labels, sort_keys=True), storage_options)
+    doc = {"legend": MARK_LEGEND, "edits": marks}
+    storefs.write_text_atomic(p_marks, json.dumps(doc, indent=1, sort_keys=True), storage_options)
+    return p_labels, p_marks
+
+
 def evaluate_one(
     name: str,
     attrs: dict,
@@ -266,7 +315,7 @@ def evaluate_one(
     cfg: WorldEvaluateConfig,
 ) -> dict[str, Any]:
     """Every method's report for one edit (status unscorable when the prompt is not known)."""
-    from stages.world_eval import evaluate_edits
+    from stages.world.score import evaluate_edits
 
     targets = list(attrs.get("targets") or [])
     parsed = prompt_to_target(targets[0]) if len(targets) == 1 else None
@@ -395,7 +444,8 @@ def run(
     from stages.evaluate import held_out_rows
     from stages.execution import load_clip_ref, load_e4e_ref, load_generator_ref
     from stages.render import discover_edits
-    from stages.world_eval import scenes_for_ids
+    from stages.world.render import load_labels
+    from stages.world.score import scenes_for_ids
     from store import RowStore
     from store import fs as storefs
 
@@ -435,6 +485,7 @@ def run(
     models = Models(generator, clip, clip_ref.preprocessing, e4e, mapper, relevance)
 
     metrics: dict[str, Any] = {"edits": {}, "targets": {k: list(v) for k, v in TARGETS.items()}}
+    marks: dict[str, dict[str, str]] = {}
     for n, st in stores.items():
         if st.attrs.get("stage") != "edit" or st.n_rows != src.n_rows:
             raise WorldEvaluateError(f"{st.url}: not an edit of {cfg.store}")
@@ -460,6 +511,7 @@ def run(
         _, all_scenes = scenes_for_ids(cfg.labels, [str(ids[r]) for r in ok])
         truth = truth_images_for(all_scenes, rep["attribute"], rep["value"], world)
         write_truth(cfg.truth_dir, n, ok, truth, so)
+        marks[n] = row_marks([str(ids[r]) for r in ok], all_scenes, rep["attribute"], rep["value"])
         e = rep["methods"]["edit"]
         log(
             f"world evaluate {n} ({rep['attribute']} -> {rep['value']}): target "
@@ -468,6 +520,13 @@ def run(
             f"{_f(e.get('centroid_drift_px'))} px on {e.get('n_scored')} {where} rows"
         )
     metrics["families"] = by_family(metrics["edits"])
+    try:
+        _, world_scenes, world_rows = load_labels(cfg.labels)
+    except FileNotFoundError as exc:
+        raise WorldEvaluateError(str(exc)) from None
+    by_id = {str(r["id"]): sc for r, sc in zip(world_rows, world_scenes, strict=True)}
+    labels = {str(i): row_caption(by_id[str(i)]) for i in ids if str(i) in by_id}
+    write_row_files(cfg.truth_dir, labels, marks, so)
     out = storefs.join(cfg.out, "metrics.json")
     storefs.write_text_atomic(out, json.dumps(metrics, indent=2, sort_keys=True), so)
     log(
