@@ -696,7 +696,7 @@ def _edit(
     if not edits:
         raise EditError("no edits: list them under edit.edits in params or pass --target")
     device = resolve_device(execution.device)
-    so = execution.storage_options
+    so = execution.storage()
     check_reachable(cfg.out_dir, so)
     urls = dataset_urls(cfg.store)
     s_store = RowStore.open(urls["s"], storage_options=so)

@@ -468,7 +468,7 @@ def hold_outputs(
     from store.fs import check_reachable
 
     for url in urls:  # one line for a dead endpoint or refused credentials, before any work
-        check_reachable(url, execution.storage_options)
+        check_reachable(url, execution.storage())
     with contextlib.ExitStack() as stack:
         for url in urls:
             stack.enter_context(
@@ -476,7 +476,7 @@ def hold_outputs(
                     url,
                     pass_name,
                     break_lease=execution.break_lease,
-                    storage_options=execution.storage_options,
+                    storage_options=execution.storage(),
                     timeout_minutes=execution.lease_timeout,
                     log=log,
                 )

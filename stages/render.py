@@ -425,7 +425,7 @@ def run(
     from store import RowStore
 
     execution = execution or ExecutionConfig()
-    so = execution.storage_options
+    so = execution.storage()
     storefs.check_reachable(cfg.out_dir, so)
     device = resolve_device(execution.device)
     names = list(cfg.edits) or discover_edits(cfg.edits_dir, so)
