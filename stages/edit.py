@@ -773,7 +773,13 @@ def _edit(
             block_task = replace(task, out_url=absolute(c_url), rows=todo)
             if execution.scheduler_address:  # one task per block on the cluster
                 return run_blocks(
-                    block_task, blocks, execution, f"edit {name}", c_out.n_blocks, progress
+                    block_task,
+                    blocks,
+                    execution,
+                    f"edit {name}",
+                    c_out.n_blocks,
+                    progress,
+                    resources=execution.model_resources(),
                 )
             return _edit_in_process(block_task, c_out, blocks, f"edit {name}", progress)
 

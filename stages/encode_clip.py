@@ -178,7 +178,15 @@ def run_image_pass(
         sources = tuple(rows.sources[todo].tolist())
         task = make_task(absolute(c_url), sources, rows.root, rows.max_pixels)
         c = RowStore.open(c_url, storage_options=so)
-        return run_blocks(task, c.pending_blocks(), execution, stage, c.n_blocks, progress)
+        return run_blocks(
+            task,
+            c.pending_blocks(),
+            execution,
+            stage,
+            c.n_blocks,
+            progress,
+            resources=execution.model_resources(),
+        )
 
     out_url = store_url(dataset, name)
     _, summary, counts = update_output(

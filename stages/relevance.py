@@ -387,6 +387,7 @@ def _relevance(
         f"relevance {cfg.method} (rows = S channels, toRGB skipped)",
         out.n_blocks,
         progress,
+        resources=execution.model_resources(),
     )
     log(summary.line())
     return read_relevance(out.url, so)

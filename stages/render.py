@@ -504,7 +504,13 @@ def run(
             )
             blocks = np.unique(rows // st.rows_per_shard).tolist()
             summary = run_blocks(
-                task, blocks, execution, f"render {name}", st.n_blocks, progress=progress
+                task,
+                blocks,
+                execution,
+                f"render {name}",
+                st.n_blocks,
+                progress=progress,
+                resources=execution.model_resources(),
             )
             n_done = summary.rows
         # the sample the sheets and the gallery show, rendered once more here (few rows)

@@ -216,6 +216,14 @@ def _sample(
         execution.batch_size,
         dict(so),
     )
-    summary = run_blocks(task, pending, execution, "sample", manifest.n_blocks, progress)
+    summary = run_blocks(
+        task,
+        pending,
+        execution,
+        "sample",
+        manifest.n_blocks,
+        progress,
+        resources=execution.model_resources(),
+    )
     summary.notes.extend(notes)
     return SampleResult(cfg.out, summary)

@@ -126,8 +126,9 @@ class Cluster:
     def address(self) -> str:
         return f"tcp://{HOST}:{self.port}"
 
-    def start_worker(self, index: int | None = None) -> int:
-        """Start one worker (replacing `index` if given); returns its index."""
+    def start_worker(self, index: int | None = None, resources: str = "") -> int:
+        """Start one worker (replacing `index` if given; `resources` e.g. "GPU=1" for
+        `dask worker --resources`); returns its index."""
         if index is None:
             index = len(self.workers)
             self.workers.append(None)
@@ -149,6 +150,7 @@ class Cluster:
                 "0",
                 "--name",
                 f"w{index}-{time.time_ns()}",
+                *(["--resources", resources] if resources else []),
             ],
             cwd=self.cwd,
             stdout=log.open("wb"),
@@ -169,6 +171,9 @@ class Cluster:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
+
+    def stop_worker(self, index: int) -> None:
+        _stop(self.workers[index])
 
     def alive(self) -> int:
         return sum(1 for p in self.workers if p is not None and p.poll() is None)

@@ -475,3 +475,52 @@ def test_a_store_that_stops_answering_mid_pass_is_one_line_and_a_rerun_resumes(
     assert sorted(calls) == sorted(set(range(st.n_blocks)) - set(kept))  # only the pending
     assert_rows_equal(f"{local_run}/images/clip.zarr", f"{ds}/clip.zarr", so)
     proxy.stop()
+
+
+def test_model_tasks_asking_for_a_gpu_run_only_on_the_worker_that_has_one(
+    world, local_run, dask_cluster, tmp_path
+):
+    """execution.worker_resources {GPU: 1}: the encoder's block tasks run only on the worker
+    started `--resources GPU=1` (the two plain workers get none of them); equal output."""
+    from distributed import Client, get_task_stream
+
+    from stages.common import ExecutionConfig
+    from stages.encode_clip import EncodeClipConfig, run_encode_clip
+    from stages.execution import ClusterError
+    from stages.ingest import IngestConfig, run_ingest
+
+    ds = str(tmp_path / "images")
+    run_ingest(
+        IngestConfig(source=str(world), out=ds, rows_per_shard=16),
+        ExecutionConfig(device="cpu"),
+        progress=False,
+    )
+    ex = ExecutionConfig(
+        device="auto",
+        scheduler_address=dask_cluster.address,
+        worker_resources={"GPU": 1},
+        worker_timeout_s=2,
+    )
+    with pytest.raises(ClusterError) as info:  # no worker has one yet: one line
+        run_encode_clip(EncodeClipConfig(dataset=ds), world_clip(), ex, progress=False)
+    assert "no worker with resources {'GPU': 1}" in str(info.value)
+    assert "--resources GPU=1" in str(info.value) and "\n" not in str(info.value)
+
+    gpu = dask_cluster.start_worker(resources="GPU=1")
+    try:
+        dask_cluster.wait_workers(3)
+        with Client(dask_cluster.address, set_as_default=False) as client:
+            gpu_address = next(
+                a
+                for a, w in client.scheduler_info(n_workers=-1)["workers"].items()
+                if w.get("resources", {}).get("GPU")
+            )
+            with get_task_stream(client=client) as stream:
+                run_encode_clip(EncodeClipConfig(dataset=ds), world_clip(), ex, progress=False)
+        model_tasks = [t for t in stream.data if str(t["key"]).startswith("encode-clip-block")]
+        assert len(model_tasks) == RowStore.open(f"{ds}/clip.zarr").n_blocks
+        assert {t["worker"] for t in model_tasks} == {gpu_address}
+    finally:
+        dask_cluster.stop_worker(gpu)
+    ref = RowStore.open(f"{local_run}/images/clip.zarr")
+    assert np.array_equal(RowStore.open(f"{ds}/clip.zarr").read("embed"), ref.read("embed"))
