@@ -312,15 +312,20 @@ def _can_run(client: Any, resources: dict[str, float]) -> bool:
 
 @dataclass(frozen=True)
 class _OnWorker:
-    """A block task run on a Dask worker: an ImportError or a missing file there (a worker
-    without a package or a model file the client has) names the worker."""
+    """A block task run on a Dask worker: an ImportError, a missing file or a model file that
+    does not load there (a worker without a package or a model file the client has) is one
+    line naming the worker and the file."""
 
     task: BlockTask
 
     def __call__(self, block: int) -> BlockReport:
         try:
             return self.task(block)
-        except (ImportError, FileNotFoundError) as exc:
+        except Exception as exc:
+            from model.checkpoint import CheckpointError  # what a loader says of a bad path
+
+            if not isinstance(exc, (ImportError, FileNotFoundError, CheckpointError)):
+                raise
             from distributed import get_worker
 
             try:

@@ -524,3 +524,56 @@ def test_model_tasks_asking_for_a_gpu_run_only_on_the_worker_that_has_one(
         dask_cluster.stop_worker(gpu)
     ref = RowStore.open(f"{local_run}/images/clip.zarr")
     assert np.array_equal(RowStore.open(f"{ds}/clip.zarr").read("embed"), ref.read("embed"))
+
+
+def test_a_worker_missing_a_model_file_the_client_has_is_one_line_naming_both(
+    world, dask_cluster, tmp_path, monkeypatch
+):
+    """The client checks and loads the CLIP weights, the workers do not find them (gone
+    before the tasks start, as on a machine without that folder)."""
+    import shutil
+
+    import stages.encode_clip as encode_clip
+    from stages.common import ExecutionConfig
+    from stages.ingest import IngestConfig, run_ingest
+
+    ds = str(tmp_path / "images")
+    run_ingest(
+        IngestConfig(source=str(world), out=ds, rows_per_shard=16),
+        ExecutionConfig(device="cpu"),
+        progress=False,
+    )
+    weights = tmp_path / "client-only" / "clip.safetensors"
+    weights.parent.mkdir()
+    for suffix in (".safetensors", ".json"):
+        src = ROOT / f"weights/world/clip{suffix}"
+        if src.exists():
+            shutil.copy(src, weights.with_suffix(suffix))
+    real_run_blocks = encode_clip.run_blocks
+
+    def workers_lack_it(*args, **kwargs):
+        shutil.rmtree(weights.parent)  # after the client used it, before any worker does
+        return real_run_blocks(*args, **kwargs)
+
+    monkeypatch.setattr(encode_clip, "run_blocks", workers_lack_it)
+    result = CliRunner().invoke(
+        main,
+        [
+            "encode-clip",
+            "--dataset",
+            ds,
+            "-q",
+            "--set",
+            f"execution.scheduler_address={dask_cluster.address}",
+            "--set",
+            f"clip.weights={weights}",
+            "--set",
+            "clip.name=world-clip",
+            "--set",
+            "clip.preprocessing=deltaedit",
+        ],
+    )
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "on worker tcp://127.0.0.1:" in lines[0] and str(weights) in lines[0], lines
