@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from stages.config import require
+from store.fs import RETRY_OPTION, RetryPolicy, with_retries
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,11 @@ class ExecutionConfig:
     storage_options: fsspec keyword arguments for every URL the pipeline reads or writes
     (s3fs: endpoint_url, key, secret, anon, profile, client_kwargs, ...); they reach the
     client and, inside every task, each Dask worker. Local paths ignore them.
+    storage_retries / storage_backoff_s: a storage request that fails transiently (a
+    dropped connection, 503 SlowDown) is retried this many times, waiting backoff_s,
+    2*backoff_s, ... (store.fs.RetryPolicy); `storage()` is storage_options carrying them.
+    worker_resources: Dask worker resources every model block task requests on a cluster
+    when the device is not cpu (e.g. {GPU: 1} with workers started `--resources GPU=1`).
     """
 
     device: str = "auto"
@@ -27,6 +33,9 @@ class ExecutionConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     connect_timeout_s: float = 10.0  # a scheduler that does not answer: error after this
     worker_timeout_s: float = 120.0  # no worker left for this long: the pass stops (resumable)
+    storage_retries: int = 5  # retries of a storage request that failed transiently
+    storage_backoff_s: float = 0.2  # first wait before a retry (doubles each time)
+    worker_resources: dict[str, float] = field(default_factory=dict)  # {} = none requested
 
     def validate(self) -> None:
         check_device(self.device)
@@ -40,8 +49,35 @@ class ExecutionConfig:
         require(self.worker_timeout_s > 0, "worker_timeout_s", self.worker_timeout_s, "seconds > 0")
         for k in self.storage_options:
             require(isinstance(k, str) and bool(k), "storage_options", k, "string keys")
+        require(
+            RETRY_OPTION not in self.storage_options,
+            "storage_options",
+            RETRY_OPTION,
+            "no key of deltaedit's own (set execution.storage_retries / storage_backoff_s)",
+        )
+        r = self.storage_retries
+        ok = isinstance(r, int) and not isinstance(r, bool) and 0 <= r <= 100
+        require(ok, "storage_retries", r, "an integer 0..100")
+        b = self.storage_backoff_s
+        ok = isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b <= 60
+        require(ok, "storage_backoff_s", b, "seconds 0..60")
+        for k, v in self.worker_resources.items():
+            ok = isinstance(k, str) and bool(k) and isinstance(v, (int, float)) and v > 0
+            ok = ok and not isinstance(v, bool)
+            require(ok, "worker_resources", {k: v}, "{name: amount > 0}")
 
-    def __hash__(self) -> int:  # storage_options is a dict: hash the rest
+    def storage(self) -> dict[str, Any]:
+        """storage_options with the retry policy inside (store.fs.RETRY_OPTION): what every
+        store helper and block task takes, so the policy reaches each worker with them."""
+        policy = RetryPolicy(self.storage_retries, float(self.storage_backoff_s))
+        return with_retries(self.storage_options, policy)
+
+    def model_resources(self) -> dict[str, float]:
+        """The Dask resources a model block task requests: worker_resources unless the
+        device is cpu (then any worker runs it)."""
+        return {} if self.device == "cpu" else dict(self.worker_resources)
+
+    def __hash__(self) -> int:  # storage_options, worker_resources are dicts: hash the rest
         return hash(
             (
                 self.device,
@@ -52,6 +88,8 @@ class ExecutionConfig:
                 self.break_lease,
                 self.connect_timeout_s,
                 self.worker_timeout_s,
+                self.storage_retries,
+                self.storage_backoff_s,
             )
         )
 

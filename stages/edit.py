@@ -696,7 +696,7 @@ def _edit(
     if not edits:
         raise EditError("no edits: list them under edit.edits in params or pass --target")
     device = resolve_device(execution.device)
-    so = execution.storage_options
+    so = execution.storage()
     check_reachable(cfg.out_dir, so)
     urls = dataset_urls(cfg.store)
     s_store = RowStore.open(urls["s"], storage_options=so)
@@ -773,7 +773,13 @@ def _edit(
             block_task = replace(task, out_url=absolute(c_url), rows=todo)
             if execution.scheduler_address:  # one task per block on the cluster
                 return run_blocks(
-                    block_task, blocks, execution, f"edit {name}", c_out.n_blocks, progress
+                    block_task,
+                    blocks,
+                    execution,
+                    f"edit {name}",
+                    c_out.n_blocks,
+                    progress,
+                    resources=execution.model_resources(),
                 )
             return _edit_in_process(block_task, c_out, blocks, f"edit {name}", progress)
 

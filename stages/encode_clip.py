@@ -166,7 +166,7 @@ def run_image_pass(
 ) -> EncodeResult:
     """`<dataset>/<name>.zarr` from the manifest's OK rows: rows of earlier stores reused by
     key, the rest encoded by make_task's blocks (stages.incremental.update_output)."""
-    so = execution.storage_options
+    so = execution.storage()
     manifest = RowStore.open(
         store_url(dataset, "manifest"), require_complete=True, storage_options=so
     )
@@ -178,7 +178,15 @@ def run_image_pass(
         sources = tuple(rows.sources[todo].tolist())
         task = make_task(absolute(c_url), sources, rows.root, rows.max_pixels)
         c = RowStore.open(c_url, storage_options=so)
-        return run_blocks(task, c.pending_blocks(), execution, stage, c.n_blocks, progress)
+        return run_blocks(
+            task,
+            c.pending_blocks(),
+            execution,
+            stage,
+            c.n_blocks,
+            progress,
+            resources=execution.model_resources(),
+        )
 
     out_url = store_url(dataset, name)
     _, summary, counts = update_output(
@@ -399,7 +407,7 @@ def _encode_clip(
     restart_on_change: bool,
     reuse: Sequence[str],
 ) -> EncodeResult:
-    so = execution.storage_options
+    so = execution.storage()
     check_reachable(cfg.dataset, so)
     RowStore.open(store_url(cfg.dataset, "manifest"), require_complete=True, storage_options=so)
     inputs = model_inputs({"clip": clip_ref}, [clip_ref.weights])

@@ -165,7 +165,7 @@ def _encode_s(
     restart_on_change: bool,
     reuse: Sequence[str],
 ) -> EncodeResult:
-    so = execution.storage_options
+    so = execution.storage()
     check_reachable(cfg.dataset, so)
     RowStore.open(store_url(cfg.dataset, "manifest"), require_complete=True, storage_options=so)
     refs = {"generator": generator, "e4e": e4e}

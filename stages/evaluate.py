@@ -228,7 +228,7 @@ def run(
     clip_ref = clip_ref or ClipRef()
     execution = execution or ExecutionConfig()
     device = resolve_device(execution.device)
-    so = execution.storage_options
+    so = execution.storage()
     storefs.check_reachable(cfg.out, so)
     names = list(cfg.edits) or discover_edits(cfg.edits_dir, so)
     if not names:

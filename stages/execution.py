@@ -23,7 +23,7 @@ import contextlib
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -163,11 +163,14 @@ def run_blocks(
     name: str,
     blocks_total: int | None = None,
     progress: bool = True,
+    resources: Mapping[str, float] | None = None,
 ) -> PassSummary:
     """Run `task` once per block in `blocks` (the pending ones); return the summary.
 
     A failing task stops the pass with its exception; blocks already written stay
-    done, so a rerun resumes from them.
+    done, so a rerun resumes from them. `resources` (a model pass passes
+    `execution.model_resources()`): on a cluster every task requests these Dask worker
+    resources, so it runs only on workers started with them (`--resources GPU=1`).
     """
     summary = PassSummary(name, blocks_total if blocks_total is not None else len(blocks))
     start = time.perf_counter()
@@ -176,7 +179,7 @@ def run_blocks(
         if not blocks:
             pass
         elif execution.scheduler_address:
-            _run_distributed(task, blocks, execution, name, summary, bar)
+            _run_distributed(task, blocks, execution, name, summary, bar, dict(resources or {}))
         else:
             _run_local(task, blocks, execution.workers, name, summary, bar)
     finally:
@@ -236,6 +239,7 @@ def _run_distributed(
     name: str,
     summary: PassSummary,
     bar: tqdm,
+    resources: dict[str, float],
 ) -> None:
     from distributed import as_completed
 
@@ -245,6 +249,7 @@ def _run_distributed(
             list(blocks),
             pure=False,
             key=[f"{name}-block-{b}-{time.time_ns()}" for b in blocks],
+            resources=resources or None,
         )
         done = 0
         finished = as_completed(futures, loop=client.loop)
@@ -272,33 +277,55 @@ def _run_distributed(
                 if now < next_check:
                     continue
                 next_check = now + min(1.0, execution.worker_timeout_s / 4)
-                if client.nthreads():
+                if _can_run(client, resources):
                     alone_since = None
                     continue
                 alone_since = alone_since or now
                 if now - alone_since >= execution.worker_timeout_s:
+                    which = f"with resources {resources}" if resources else "connected"
+                    start = "start workers"
+                    if resources:
+                        given = " ".join(f"{k}={v:g}" for k, v in resources.items())
+                        start = f"start workers with `--resources {given}`"
                     raise ClusterError(
-                        f"{name}: no worker connected to {execution.scheduler_address} for "
+                        f"{name}: no worker {which} to {execution.scheduler_address} for "
                         f"{execution.worker_timeout_s:g} s, {len(futures) - done} of "
-                        f"{len(futures)} blocks not done; start workers and rerun (it resumes; "
-                        f"execution.worker_timeout_s sets the wait)"
+                        f"{len(futures)} blocks not done; {start} and rerun (it resumes; "
+                        f"execution.worker_timeout_s sets the wait, execution.worker_resources "
+                        f"what a model task asks for)"
                     )
         finally:
             if done < len(futures):
                 client.cancel(futures)
 
 
+def _can_run(client: Any, resources: dict[str, float]) -> bool:
+    """Whether a connected worker can run a task asking for `resources`."""
+    if not resources:
+        return bool(client.nthreads())
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    return any(
+        all(w.get("resources", {}).get(k, 0) >= v for k, v in resources.items())
+        for w in workers.values()
+    )
+
+
 @dataclass(frozen=True)
 class _OnWorker:
-    """A block task run on a Dask worker: an ImportError or a missing file there (a worker
-    without a package or a model file the client has) names the worker."""
+    """A block task run on a Dask worker: an ImportError, a missing file or a model file that
+    does not load there (a worker without a package or a model file the client has) is one
+    line naming the worker and the file."""
 
     task: BlockTask
 
     def __call__(self, block: int) -> BlockReport:
         try:
             return self.task(block)
-        except (ImportError, FileNotFoundError) as exc:
+        except Exception as exc:
+            from model.checkpoint import CheckpointError  # what a loader says of a bad path
+
+            if not isinstance(exc, (ImportError, FileNotFoundError, CheckpointError)):
+                raise
             from distributed import get_worker
 
             try:
@@ -468,7 +495,7 @@ def hold_outputs(
     from store.fs import check_reachable
 
     for url in urls:  # one line for a dead endpoint or refused credentials, before any work
-        check_reachable(url, execution.storage_options)
+        check_reachable(url, execution.storage())
     with contextlib.ExitStack() as stack:
         for url in urls:
             stack.enter_context(
@@ -476,7 +503,7 @@ def hold_outputs(
                     url,
                     pass_name,
                     break_lease=execution.break_lease,
-                    storage_options=execution.storage_options,
+                    storage_options=execution.storage(),
                     timeout_minutes=execution.lease_timeout,
                     log=log,
                 )

@@ -108,7 +108,7 @@ def update_output(
     n_rows = len(keys)
     full = {**arrays, up.KEY: ArraySpec((), "str")}
     store_name = url.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr")
-    so = execution.storage_options
+    so = execution.storage()
     reuse_stores = [up.open_reuse(u, store_name, so) for u in reuse]
     up.check_reuse(reuse_stores, attrs, full)
     notes: list[str] = []

@@ -298,7 +298,7 @@ def _ingest(
     n = len(sources)
     manifest_url = store_url(cfg.out, "manifest")
     scan_url = store_url(cfg.out, SCAN_NAME)
-    so = execution.storage_options
+    so = execution.storage()
     storefs.check_reachable(cfg.out, so)
     reuse_stores = [up.open_reuse(u, "manifest", so) for u in reuse]
     for rs in reuse_stores:
@@ -645,7 +645,7 @@ def _import_official(
     files_fp = file_fingerprint(files)
     tag = Path(cfg.sspace).name
     notes: list[str] = []
-    so = execution.storage_options
+    so = execution.storage()
     storefs.check_reachable(cfg.out, so)
     how = (overwrite, restart_on_change, notes, so)
     rps = cfg.rows_per_shard

@@ -321,7 +321,7 @@ def _relevance(
     generator_ref = generator_ref or GeneratorRef()
     clip_ref = clip_ref or ClipRef()
     device = resolve_device(execution.device)
-    so = execution.storage_options
+    so = execution.storage()
     check_reachable(cfg.out, so)
     s_store = RowStore.open(dataset_urls(cfg.store)["s"], storage_options=so)
     layout = SLayout.from_dict(s_store.attrs["layout"])
@@ -387,6 +387,7 @@ def _relevance(
         f"relevance {cfg.method} (rows = S channels, toRGB skipped)",
         out.n_blocks,
         progress,
+        resources=execution.model_resources(),
     )
     log(summary.line())
     return read_relevance(out.url, so)

@@ -535,7 +535,7 @@ def run(
     from store import RowStore
 
     execution = execution or ExecutionConfig()
-    so = execution.storage_options
+    so = execution.storage()
     storefs.check_reachable(cfg.out_dir, so)
     device = resolve_device(execution.device)
     names = list(cfg.edits) or discover_edits(cfg.edits_dir, so)
@@ -614,7 +614,13 @@ def run(
             )
             blocks = np.unique(rows // st.rows_per_shard).tolist()
             summary = run_blocks(
-                task, blocks, execution, f"render {name}", st.n_blocks, progress=progress
+                task,
+                blocks,
+                execution,
+                f"render {name}",
+                st.n_blocks,
+                progress=progress,
+                resources=execution.model_resources(),
             )
             n_done = summary.rows
         # the sample the sheets and the gallery show, rendered once more here (few rows)

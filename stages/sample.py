@@ -189,7 +189,7 @@ def _sample(
         json.dumps({"generator": G.fingerprint, **sample_attrs}, sort_keys=True).encode()
     ).hexdigest()
     m_attrs = {"stage": "sample", "fingerprint": m_fp, "root": "", "max_pixels": 0, **sample_attrs}
-    so = execution.storage_options
+    so = execution.storage()
     check_reachable(cfg.out, so)
     how = (overwrite, restart_on_change, notes, so)
     rps = cfg.rows_per_shard
@@ -216,6 +216,14 @@ def _sample(
         execution.batch_size,
         dict(so),
     )
-    summary = run_blocks(task, pending, execution, "sample", manifest.n_blocks, progress)
+    summary = run_blocks(
+        task,
+        pending,
+        execution,
+        "sample",
+        manifest.n_blocks,
+        progress,
+        resources=execution.model_resources(),
+    )
     summary.notes.extend(notes)
     return SampleResult(cfg.out, summary)

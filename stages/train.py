@@ -720,7 +720,7 @@ def _run(
     cfg.validate()
     execution = execution or ExecutionConfig()
     device = resolve_device(execution.device)
-    so = execution.storage_options
+    so = execution.storage()
     outs = _Outputs(cfg, so, staging)
     out, state_path = outs.out, outs.state
     data = open_dataset(cfg, so)

@@ -10,22 +10,50 @@ each call (and inside each task sent to a Dask worker).
   URLs unchanged.
 - `write_bytes_atomic(url, data)`: never a half-written file under the final name:
   locally a temp file in the same folder + fsync + os.replace; on object storage a temp
-  key beside it, then a server-side move (copy + delete), so the final key appears whole.
+  key beside it, then a server-side copy to the final key (which appears whole), then the
+  temp key deleted (each step retried on its own).
 - `check_reachable(url)`: one line before any work when the endpoint is unreachable or the
   credentials are refused.
+
+Retries (a flaky object store). Every request the project makes to a URL is retried with
+backoff by one policy (`RetryPolicy`: `execution.storage_retries`, `storage_backoff_s`),
+applied at the two doors all storage traffic passes: `filesystem()` hands out the fsspec
+filesystem wrapped in `RetryingFileSystem` (each public method call = one retried unit:
+the store/fs helpers, the lease, the store swap), and `RowStore` opens zarr groups on a
+`RetryingStore` (each zarr store request: a shard GET/PUT, a listing, a delete). Every
+retried unit is idempotent (whole-object PUTs, GETs, listings, copies; a delete that finds
+nothing after a failed attempt counts as done), so a retry never writes a row twice or
+half. Only transient errors are retried (connection drops, timeouts, 5xx / SlowDown =
+OSError EIO/EBUSY/...); a missing key, refused credentials or a bad request fail at once.
+When the retries run out the error is `StorageUnavailable`: one line naming the URL and
+the attempts, an OSError and a StoreError, so the pass stops there (blocks already written
+stay done, a rerun resumes) instead of leaving a silent partial output. The policy travels
+inside the storage_options dict under `RETRY_OPTION` (stripped before fsspec sees the
+options), so it reaches every Dask worker with the options, in every task. Local paths are
+not retried (a local disk error is not transient).
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import functools
+import http.client
 import os
+import random
 import tempfile
+import time
 import uuid
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import fsspec
+from zarr.storage import FsspecStore, WrapperStore
 
 from store.errors import StorageError
+
+T = TypeVar("T")
 
 StorageOptions = Mapping[str, Any]
 LOCAL_PROTOCOLS = ("file", "local")
@@ -70,17 +98,263 @@ def name(url: str) -> str:
 
 
 def options_for(url: str, storage_options: StorageOptions | None) -> dict[str, Any]:
-    """The options that apply to `url`: all of them for a URL, none for a local path."""
-    return dict(storage_options or {}) if is_remote(url) else {}
+    """The fsspec options that apply to `url`: all of them for a URL (less the retry
+    policy), none for a local path."""
+    if not is_remote(url):
+        return {}
+    return {k: v for k, v in (storage_options or {}).items() if k != RETRY_OPTION}
+
+
+# --- retries -------------------------------------------------------------------------------
+
+RETRY_OPTION = "deltaedit_retry"  # storage_options key holding RetryPolicy.to_dict()
+MAX_BACKOFF_S = 20.0
+_PERMANENT = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+_TRANSIENT_ERRNOS = {
+    errno.EIO,
+    errno.EBUSY,  # s3fs: 503 SlowDown / ServiceUnavailable, 409
+    errno.EAGAIN,
+    errno.ETIMEDOUT,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.ECONNREFUSED,
+    errno.EPIPE,
+    getattr(errno, "EREMOTEIO", errno.EIO),  # s3fs: 500 InternalError
+}
+_DELETES = {"rm", "rm_file", "_rm", "_rm_file", "delete", "delete_dir"}
+
+
+class StorageUnavailable(StorageError, OSError):
+    """A storage request still failing after every retry (one line). An OSError too, so
+    code that tolerates unreachable storage (the lease's release) keeps doing so."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "storage unavailable"
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """Exception types of the HTTP stacks fsspec backends use that mean 'the request did
+    not get through' (not OSError subclasses): botocore's and aiohttp's, when installed."""
+    found: list[type[BaseException]] = [http.client.HTTPException]
+    try:
+        from botocore.exceptions import HTTPClientError
+        from botocore.parsers import ResponseParserError
+
+        found += [HTTPClientError, ResponseParserError]
+    except ImportError:
+        pass
+    try:
+        from aiohttp import ClientConnectionError, ClientPayloadError
+
+        found += [ClientConnectionError, ClientPayloadError]
+    except ImportError:
+        pass
+    return tuple(found)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a retry may succeed: connection drops, timeouts, 5xx/SlowDown (OSError with
+    EIO/EBUSY/...); never a missing key, refused access or an error of ours."""
+    if isinstance(exc, (StorageError, *_PERMANENT)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError)):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno is None or exc.errno in _TRANSIENT_ERRNOS
+    return isinstance(exc, _transport_errors())
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """`retries` more attempts after a transient failure, waiting `backoff_s` * 2^k (k = 0,
+    1, ...; capped at MAX_BACKOFF_S; 50-100% of it, jittered so workers do not retry in
+    step) before each."""
+
+    retries: int = 5
+    backoff_s: float = 0.2
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"retries": int(self.retries), "backoff_s": float(self.backoff_s)}
+
+    def delay(self, retry: int) -> float:
+        full = min(MAX_BACKOFF_S, self.backoff_s * 2**retry)
+        return full * (0.5 + 0.5 * random.random())
+
+    def _give_up(self, what: str, exc: BaseException, t0: float) -> StorageUnavailable:
+        reason = str(exc).strip().splitlines()
+        reason = reason[0][:200] if reason else ""
+        return StorageUnavailable(
+            f"{what}: storage request failed on all {self.retries + 1} attempt(s) in "
+            f"{time.monotonic() - t0:.1f} s ({type(exc).__name__}: {reason}); the store is "
+            f"unavailable or overloaded: rerun later (the pass resumes), or raise "
+            f"execution.storage_retries / storage_backoff_s"
+        )
+
+    def _handle(self, name: str, exc: BaseException, retry: int) -> bool:
+        """True when a delete's FileNotFoundError after a failed attempt means 'done'."""
+        return retry > 0 and name in _DELETES and isinstance(exc, FileNotFoundError)
+
+    def call(self, what: str, name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """fn(*args, **kwargs), retried; `what` (a URL) and `name` (the method) for errors."""
+        t0 = time.monotonic()
+        for retry in range(self.retries + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - classified right below
+                if self._handle(name, exc, retry):
+                    return None  # type: ignore[return-value]
+                if not is_transient(exc):
+                    raise
+                if retry == self.retries:
+                    raise self._give_up(what, exc, t0) from exc
+                time.sleep(self.delay(retry))
+        raise AssertionError("unreachable")
+
+    async def acall(self, what: str, name: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """The same for a coroutine function of no arguments."""
+        t0 = time.monotonic()
+        for retry in range(self.retries + 1):
+            try:
+                return await fn()
+            except Exception as exc:  # noqa: BLE001 - classified right below
+                if self._handle(name, exc, retry):
+                    return None  # type: ignore[return-value]
+                if not is_transient(exc):
+                    raise
+                if retry == self.retries:
+                    raise self._give_up(what, exc, t0) from exc
+                await asyncio.sleep(self.delay(retry))
+        raise AssertionError("unreachable")
+
+
+def with_retries(storage_options: StorageOptions | None, policy: RetryPolicy) -> dict[str, Any]:
+    """storage_options carrying `policy` (what ExecutionConfig.storage() hands out)."""
+    return {**(storage_options or {}), RETRY_OPTION: policy.to_dict()}
+
+
+def retry_policy(storage_options: StorageOptions | None) -> RetryPolicy:
+    """The policy inside storage_options (the default one when there is none)."""
+    d = (storage_options or {}).get(RETRY_OPTION) or {}
+    return RetryPolicy(**d)
+
+
+def _url_of(fs: Any, path: Any) -> str:
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    path = path[0] if isinstance(path, (list, tuple)) and path else path
+    return f"{proto}://{path}" if isinstance(path, str) else f"{proto}://"
+
+
+class RetryingFileSystem:
+    """An fsspec filesystem whose public method calls are each retried by `policy`
+    (attributes and private methods pass through). What `filesystem()` returns for URLs."""
+
+    def __init__(self, fs: Any, policy: RetryPolicy) -> None:
+        self.fs = fs
+        self.policy = policy
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.fs, name)
+        if name.startswith("_") or not callable(attr) or name == "invalidate_cache":
+            return attr
+        return functools.partial(self._call, name, attr)
+
+    def _call(self, name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        what = _url_of(self.fs, args[0] if args else kwargs.get("path"))
+        return self.policy.call(what, name, fn, *args, **kwargs)
+
+
+def open_zarr_store(url: str, storage_options: StorageOptions | None) -> Any:
+    """A zarr store for the URL `url` whose every request is retried (RetryingStore)."""
+    filesystem(url, storage_options)  # one line for a scheme with no implementation
+    inner = FsspecStore.from_url(url, storage_options=options_for(url, storage_options))
+    return RetryingStore(inner, retry_policy(storage_options), url)
+
+
+class RetryingStore(WrapperStore):
+    """A zarr store whose requests (get, set, list, delete, ...) are each retried."""
+
+    def __init__(self, store: Any, policy: RetryPolicy, url: str) -> None:
+        super().__init__(store)
+        self.policy = policy
+        self.url = url
+
+    def _with_store(self, store: Any) -> Any:
+        return type(self)(store, self.policy, self.url)
+
+    def _what(self, key: str = "") -> str:
+        return join(self.url, key) if key else self.url
+
+    async def _retry(self, name: str, key: str, fn: Callable[[], Awaitable[T]]) -> T:
+        return await self.policy.acall(self._what(key), name, fn)
+
+    async def _listed(self, name: str, key: str, make: Callable[[], AsyncIterator[str]]):
+        async def collect() -> list[str]:
+            return [k async for k in make()]
+
+        for k in await self._retry(name, key, collect):
+            yield k
+
+    async def get(self, key, prototype, byte_range=None):
+        return await self._retry("get", key, lambda: self._store.get(key, prototype, byte_range))
+
+    async def get_partial_values(self, prototype, key_ranges):
+        key_ranges = list(key_ranges)
+        first = key_ranges[0][0] if key_ranges else ""
+        return await self._retry(
+            "get", first, lambda: self._store.get_partial_values(prototype, key_ranges)
+        )
+
+    async def exists(self, key):
+        return await self._retry("exists", key, lambda: self._store.exists(key))
+
+    async def set(self, key, value):
+        return await self._retry("set", key, lambda: self._store.set(key, value))
+
+    async def set_if_not_exists(self, key, value):
+        return await self._retry("set", key, lambda: self._store.set_if_not_exists(key, value))
+
+    async def delete(self, key):
+        return await self._retry("delete", key, lambda: self._store.delete(key))
+
+    async def delete_dir(self, prefix):
+        return await self._retry("delete_dir", prefix, lambda: self._store.delete_dir(prefix))
+
+    async def getsize(self, key):
+        return await self._retry("getsize", key, lambda: self._store.getsize(key))
+
+    async def is_empty(self, prefix):
+        return await self._retry("list", prefix, lambda: self._store.is_empty(prefix))
+
+    async def clear(self):
+        return await self._retry("delete_dir", "", self._store.clear)
+
+    def list(self):
+        return self._listed("list", "", self._store.list)
+
+    def list_prefix(self, prefix):
+        return self._listed("list", prefix, lambda: self._store.list_prefix(prefix))
+
+    def list_dir(self, prefix):
+        return self._listed("list", prefix, lambda: self._store.list_dir(prefix))
 
 
 def filesystem(url: str, storage_options: StorageOptions | None = None) -> tuple[Any, str]:
-    """(fsspec filesystem, path inside it) for `url`; a one-line StorageError when no fsspec
-    implementation of the scheme is installed (naming the extra to install)."""
+    """(fsspec filesystem, path inside it) for `url` (for a URL: wrapped in
+    RetryingFileSystem); a one-line StorageError when no fsspec implementation of the
+    scheme is installed (naming the extra to install)."""
     url = str(url)
     proto = protocol(url)
     try:
-        return fsspec.core.url_to_fs(url, **options_for(url, storage_options))
+        fs, path = fsspec.core.url_to_fs(url, **options_for(url, storage_options))
+        if is_remote(url):
+            return RetryingFileSystem(fs, retry_policy(storage_options)), path
+        return fs, path
     except ImportError as exc:
         raise StorageError(_missing(url, proto, exc)) from None
     except ValueError as exc:
@@ -98,15 +372,6 @@ def _missing(url: str, proto: str, exc: Exception) -> str:
     else:
         fix = f"install the fsspec implementation of {proto}:// "
     return f"{url}: no filesystem for {proto}:// is installed; {fix} ({type(exc).__name__})"
-
-
-def zarr_options(url: str, storage_options: StorageOptions | None) -> dict[str, Any]:
-    """Keyword arguments for zarr.open_group: `storage_options` for URLs only (zarr refuses
-    them for local paths). Also checks the scheme has an implementation (one line if not)."""
-    if not is_remote(url):
-        return {}
-    filesystem(url, storage_options)
-    return {"storage_options": dict(storage_options or {})}
 
 
 # --- reads ---------------------------------------------------------------------------------
@@ -219,10 +484,11 @@ def write_bytes_atomic(
     tmp = f"{parent(path)}/.{name(path)}.{uuid.uuid4().hex}.tmp"
     try:
         fs.pipe_file(tmp, data)
-        fs.mv(tmp, path)
+        fs.copy(tmp, path)  # server-side: the final key appears whole
     except BaseException:
         _remove_quietly(fs, tmp)
         raise
+    _remove_quietly(fs, tmp)
 
 
 def write_text_atomic(url: str, text: str, storage_options: StorageOptions | None = None) -> None:
@@ -240,10 +506,11 @@ def put_file_atomic(local: str, url: str, storage_options: StorageOptions | None
     tmp = f"{parent(path)}/.{name(path)}.{uuid.uuid4().hex}.tmp"
     try:
         fs.put_file(local, tmp)
-        fs.mv(tmp, path)
+        fs.copy(tmp, path)  # server-side: the final key appears whole
     except BaseException:
         _remove_quietly(fs, tmp)
         raise
+    _remove_quietly(fs, tmp)
 
 
 def remove(url: str, storage_options: StorageOptions | None = None) -> None:

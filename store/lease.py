@@ -187,6 +187,8 @@ def hold_lease(
     try:
         fs, path = filesystem(where, storage_options)
         lease, note = _acquire(store_url, fs, path, pass_name, break_lease, timeout_minutes)
+    except StoreError:  # StorageUnavailable (retries spent) is an OSError too: keep its line
+        raise
     except OSError as exc:
         raise StoreError(
             f"{store_url}: cannot write there ({_os_reason(exc)}); choose an output path "

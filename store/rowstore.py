@@ -107,9 +107,11 @@ def _hint(attrs: dict) -> str:
 
 
 def _open_group(url: str, mode: str, storage_options: dict | None = None) -> zarr.Group:
-    kwargs = storefs.zarr_options(url, storage_options)
     try:
-        return zarr.open_group(url, mode=mode, **kwargs)
+        if storefs.is_remote(url):  # every request retried (store.fs, "Retries")
+            store = storefs.open_zarr_store(url, storage_options)
+            return zarr.open_group(store=store, mode=mode)
+        return zarr.open_group(url, mode=mode)
     except (FileNotFoundError, zarr.errors.NodeNotFoundError, NotADirectoryError):
         raise NotAStore(
             f"{url}: no store there (no Zarr group); run the stage that writes it first, "

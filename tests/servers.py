@@ -126,8 +126,9 @@ class Cluster:
     def address(self) -> str:
         return f"tcp://{HOST}:{self.port}"
 
-    def start_worker(self, index: int | None = None) -> int:
-        """Start one worker (replacing `index` if given); returns its index."""
+    def start_worker(self, index: int | None = None, resources: str = "") -> int:
+        """Start one worker (replacing `index` if given; `resources` e.g. "GPU=1" for
+        `dask worker --resources`); returns its index."""
         if index is None:
             index = len(self.workers)
             self.workers.append(None)
@@ -149,6 +150,7 @@ class Cluster:
                 "0",
                 "--name",
                 f"w{index}-{time.time_ns()}",
+                *(["--resources", resources] if resources else []),
             ],
             cwd=self.cwd,
             stdout=log.open("wb"),
@@ -169,6 +171,9 @@ class Cluster:
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
+
+    def stop_worker(self, index: int) -> None:
+        _stop(self.workers[index])
 
     def alive(self) -> int:
         return sum(1 for p in self.workers if p is not None and p.poll() is None)
@@ -206,3 +211,132 @@ def start_cluster(log_dir: Path, n_workers: int) -> Cluster:
     if n_workers:
         cluster.wait_workers(n_workers)
     return cluster
+
+
+class FlakyProxy:
+    """An HTTP proxy on a free loopback port in front of `upstream` (the moto server) that
+    fails a seeded fraction `fail_rate` of requests: half of them answered 503 SlowDown (as
+    S3 does when overloaded), half dropped (the connection closed without an answer). Runs
+    in threads of this process; `fail_rate` may be changed while it runs. Counts requests
+    and failures."""
+
+    SLOWDOWN = (
+        b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+        b"<Message>Please reduce your request rate.</Message></Error>"
+    )
+
+    def __init__(self, upstream_port: int, fail_rate: float = 0.0, seed: int = 0) -> None:
+        import http.server
+        import random
+        import threading
+
+        self.upstream_port = upstream_port
+        self.fail_rate = fail_rate
+        self.requests = 0
+        self.failed = 0
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # quiet
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    out = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            return out
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _handle(self) -> None:
+                body = self._body()
+                fault = proxy._draw()
+                if fault == "drop":
+                    self.close_connection = True
+                    return
+                if fault == "503":
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(proxy.SLOWDOWN)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(proxy.SLOWDOWN)
+                    return
+                self._forward(body)
+
+            def _forward(self, body: bytes) -> None:
+                import http.client
+
+                skip = {"transfer-encoding", "connection", "keep-alive", "content-length"}
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+                headers["Content-Length"] = str(len(body))
+                conn = http.client.HTTPConnection(HOST, proxy.upstream_port, timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    self.send_response(resp.status, resp.reason)
+                    for k, v in resp.getheaders():
+                        if k.lower() not in skip:
+                            self.send_header(k, v)
+                    if self.command == "HEAD":
+                        self.send_header("Content-Length", resp.getheader("Content-Length", "0"))
+                    else:
+                        self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(data)
+                finally:
+                    conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self._server = http.server.ThreadingHTTPServer((HOST, 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def _draw(self) -> str:
+        with self._lock:
+            self.requests += 1
+            if self._rng.random() >= self.fail_rate:
+                return ""
+            self.failed += 1
+            return "drop" if self._rng.random() < 0.5 else "503"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def options(self, s3: S3Server) -> dict:
+        """storage_options through this proxy with botocore's own retries off (one HTTP
+        attempt per call; s3fs's retries are a class attribute: see `no_s3fs_retries`)."""
+        return {
+            **s3.options,
+            "endpoint_url": self.endpoint,
+            "config_kwargs": {"retries": {"total_max_attempts": 1}},
+        }
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def set_s3fs_retries(n: int) -> int:
+    """Set s3fs's own retry count (a class attribute, 5 by default) in this process; returns
+    the old one. 1 = a single attempt, so only deltaedit's retries are left."""
+    import s3fs
+
+    old = s3fs.S3FileSystem.retries
+    s3fs.S3FileSystem.retries = n
+    return old

@@ -50,6 +50,37 @@ def test_execution_device_checked():
         section({"execution": {"device": "tpu"}}, "execution", ExecutionConfig)
 
 
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        ({"storage_retries": -1}, "execution.storage_retries: got -1"),
+        ({"storage_retries": 1.5}, "execution.storage_retries: got 1.5"),
+        ({"storage_backoff_s": -0.1}, "execution.storage_backoff_s: got -0.1"),
+        ({"worker_resources": {"GPU": 0}}, "execution.worker_resources: got {'GPU': 0}"),
+        ({"storage_options": {"deltaedit_retry": {}}}, "execution.storage_options"),
+    ],
+)
+def test_execution_retries_and_resources_checked(raw, fragment):
+    with pytest.raises(ParamError) as info:
+        section({"execution": raw}, "execution", ExecutionConfig)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_execution_storage_carries_the_retry_policy_to_every_worker():
+    from store.fs import RetryPolicy, options_for, retry_policy
+
+    ex = section(
+        {"execution": {"storage_options": {"anon": True}, "storage_retries": 2}},
+        "execution",
+        ExecutionConfig,
+    )
+    so = ex.storage()
+    assert retry_policy(so) == RetryPolicy(2, 0.2)
+    assert options_for("s3://b/k", so) == {"anon": True}  # fsspec never sees the policy
+    assert ex.storage_options == {"anon": True}
+    assert ex.model_resources() == {}
+
+
 def test_params_file_errors(tmp_path):
     bad = tmp_path / "p.yaml"
     bad.write_text("- a\n- b\n")

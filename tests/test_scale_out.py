@@ -18,6 +18,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.cli import main
+from stages.common import ClipRef
 from store import RowStore
 from store import fs as storefs
 
@@ -338,3 +339,241 @@ def test_an_unreachable_endpoint_and_a_missing_scheme_are_one_line_before_any_wo
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "pip install 'deltaedit[gcs]'" in lines[0], lines
+
+
+def assert_rows_equal(local: str, remote: str, options: dict) -> None:
+    """Row by row, array by array (the stores may have other shard sizes)."""
+    a = RowStore.open(local)
+    b = RowStore.open(remote, storage_options=options)
+    assert a.array_names == b.array_names and a.n_rows == b.n_rows, remote
+    assert np.array_equal(a.status(), b.status()), remote
+    for name in a.array_names:
+        assert np.array_equal(a.read(name), b.read(name)), f"{remote}:{name}"
+
+
+def world_clip() -> ClipRef:
+    return ClipRef(
+        name="world-clip",
+        weights=str(ROOT / "weights/world/clip.safetensors"),
+        preprocessing="deltaedit",
+    )
+
+
+def test_a_flaky_store_is_retried_and_the_pass_on_the_cluster_completes_equal(
+    world, local_run, s3_server, dask_cluster
+):
+    """20% of the requests answered 503 SlowDown or dropped, botocore's and s3fs's own
+    retries off in the client and on every worker: deltaedit's retries carry the pass."""
+    from distributed import Client
+    from servers import FlakyProxy, set_s3fs_retries
+
+    from stages.common import ExecutionConfig
+    from stages.encode_clip import EncodeClipConfig, run_encode_clip
+    from stages.ingest import IngestConfig, run_ingest
+
+    bucket = s3_server.make_bucket("flaky")
+    proxy = FlakyProxy(s3_server.port, fail_rate=0.2, seed=14)
+    so = proxy.options(s3_server)
+    ex = ExecutionConfig(
+        device="cpu",
+        scheduler_address=dask_cluster.address,
+        storage_options=so,
+        batch_size=8,
+        storage_retries=8,
+        storage_backoff_s=0.02,
+    )
+    ds = f"s3://{bucket}/images"
+    run_ingest(  # straight to the server: the faults are for the encoder pass
+        IngestConfig(source=str(world), out=ds, rows_per_shard=16),
+        ExecutionConfig(device="cpu", storage_options=s3_server.options),
+        progress=False,
+    )
+
+    def on_workers(n: int) -> int:  # nested and self-contained: sent by value
+        import s3fs
+
+        old, s3fs.S3FileSystem.retries = s3fs.S3FileSystem.retries, n
+        return old
+
+    with Client(dask_cluster.address, set_as_default=False) as client:
+        before = set_s3fs_retries(1)
+        client.run(on_workers, 1)
+        try:
+            run_encode_clip(EncodeClipConfig(dataset=ds), world_clip(), ex, progress=False)
+        finally:
+            client.run(on_workers, before)
+            set_s3fs_retries(before)
+            proxy.fail_rate = 0.0
+    assert proxy.failed > 20, (proxy.failed, proxy.requests)  # the faults did happen
+    assert_rows_equal(f"{local_run}/images/clip.zarr", f"{ds}/clip.zarr", so)
+    leftovers = [k for k in files_under(ds, s3_server.options) if k.endswith((".tmp", ".partial"))]
+    assert not leftovers
+    proxy.stop()
+
+
+def test_a_store_that_stops_answering_mid_pass_is_one_line_and_a_rerun_resumes(
+    world, local_run, s3_server, monkeypatch
+):
+    """Every request failing from mid-pass on: the pass stops with one line once the retries
+    are spent (not a partial store called done); with the store back a rerun computes only
+    the blocks that were not written and equals the local run."""
+    import s3fs
+    from servers import FlakyProxy
+
+    from stages.common import ExecutionConfig
+    from stages.encode_clip import EncodeClipConfig, _ClipTask, run_encode_clip
+    from stages.ingest import IngestConfig, run_ingest
+    from store import StoreError
+
+    bucket = s3_server.make_bucket("outage")
+    ds = f"s3://{bucket}/images"
+    run_ingest(
+        IngestConfig(source=str(world), out=ds, rows_per_shard=8),
+        ExecutionConfig(device="cpu", storage_options=s3_server.options),
+        progress=False,
+    )
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # only deltaedit's retries
+    proxy = FlakyProxy(s3_server.port, fail_rate=0.0, seed=1)
+    so = proxy.options(s3_server)
+    ex = ExecutionConfig(
+        device="cpu", storage_options=so, batch_size=8, storage_retries=3, storage_backoff_s=0.02
+    )
+    failure: dict = {}
+
+    def run() -> None:
+        try:
+            run_encode_clip(EncodeClipConfig(dataset=ds), world_clip(), ex, progress=False)
+        except StoreError as exc:
+            failure["error"] = exc
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    compute_url = f"{ds}/clip.zarr.compute"
+    wait_for_done_blocks(compute_url, 2, so)
+    proxy.fail_rate = 1.0  # the store stops answering
+    runner.join(120)
+    proxy.fail_rate = 0.0
+    message = str(failure.get("error", ""))
+    assert "storage request failed on all 4 attempt(s)" in message, message
+    assert "\n" not in message and "rerun" in message
+    assert not storefs.exists(f"{ds}/clip.zarr", s3_server.options)  # nothing called done
+    st = RowStore.open(compute_url, storage_options=s3_server.options)
+    kept = st.done_blocks()
+    assert 0 < len(kept) < st.n_blocks
+    calls = []
+    real_call = _ClipTask.__call__
+
+    def counting(self, block):
+        calls.append(block)
+        return real_call(self, block)
+
+    monkeypatch.setattr(_ClipTask, "__call__", counting)
+    # the stopped pass ran in this process: its lease names a live pid (a new process
+    # would take it over by itself, the pid being gone)
+    again = ExecutionConfig(device="cpu", storage_options=so, batch_size=8, break_lease=True)
+    run_encode_clip(EncodeClipConfig(dataset=ds), world_clip(), again, progress=False)
+    assert sorted(calls) == sorted(set(range(st.n_blocks)) - set(kept))  # only the pending
+    assert_rows_equal(f"{local_run}/images/clip.zarr", f"{ds}/clip.zarr", so)
+    proxy.stop()
+
+
+def test_model_tasks_asking_for_a_gpu_run_only_on_the_worker_that_has_one(
+    world, local_run, dask_cluster, tmp_path
+):
+    """execution.worker_resources {GPU: 1}: the encoder's block tasks run only on the worker
+    started `--resources GPU=1` (the two plain workers get none of them); equal output."""
+    from distributed import Client, get_task_stream
+
+    from stages.common import ExecutionConfig
+    from stages.encode_clip import EncodeClipConfig, run_encode_clip
+    from stages.execution import ClusterError
+    from stages.ingest import IngestConfig, run_ingest
+
+    ds = str(tmp_path / "images")
+    run_ingest(
+        IngestConfig(source=str(world), out=ds, rows_per_shard=16),
+        ExecutionConfig(device="cpu"),
+        progress=False,
+    )
+    ex = ExecutionConfig(
+        device="auto",
+        scheduler_address=dask_cluster.address,
+        worker_resources={"GPU": 1},
+        worker_timeout_s=2,
+    )
+    with pytest.raises(ClusterError) as info:  # no worker has one yet: one line
+        run_encode_clip(EncodeClipConfig(dataset=ds), world_clip(), ex, progress=False)
+    assert "no worker with resources {'GPU': 1}" in str(info.value)
+    assert "--resources GPU=1" in str(info.value) and "\n" not in str(info.value)
+
+    gpu = dask_cluster.start_worker(resources="GPU=1")
+    try:
+        dask_cluster.wait_workers(3)
+        with Client(dask_cluster.address, set_as_default=False) as client:
+            gpu_address = next(
+                a
+                for a, w in client.scheduler_info(n_workers=-1)["workers"].items()
+                if w.get("resources", {}).get("GPU")
+            )
+            with get_task_stream(client=client) as stream:
+                run_encode_clip(EncodeClipConfig(dataset=ds), world_clip(), ex, progress=False)
+        model_tasks = [t for t in stream.data if str(t["key"]).startswith("encode-clip-block")]
+        assert len(model_tasks) == RowStore.open(f"{ds}/clip.zarr").n_blocks
+        assert {t["worker"] for t in model_tasks} == {gpu_address}
+    finally:
+        dask_cluster.stop_worker(gpu)
+    ref = RowStore.open(f"{local_run}/images/clip.zarr")
+    assert np.array_equal(RowStore.open(f"{ds}/clip.zarr").read("embed"), ref.read("embed"))
+
+
+def test_a_worker_missing_a_model_file_the_client_has_is_one_line_naming_both(
+    world, dask_cluster, tmp_path, monkeypatch
+):
+    """The client checks and loads the CLIP weights, the workers do not find them (gone
+    before the tasks start, as on a machine without that folder)."""
+    import shutil
+
+    import stages.encode_clip as encode_clip
+    from stages.common import ExecutionConfig
+    from stages.ingest import IngestConfig, run_ingest
+
+    ds = str(tmp_path / "images")
+    run_ingest(
+        IngestConfig(source=str(world), out=ds, rows_per_shard=16),
+        ExecutionConfig(device="cpu"),
+        progress=False,
+    )
+    weights = tmp_path / "client-only" / "clip.safetensors"
+    weights.parent.mkdir()
+    for suffix in (".safetensors", ".json"):
+        src = ROOT / f"weights/world/clip{suffix}"
+        if src.exists():
+            shutil.copy(src, weights.with_suffix(suffix))
+    real_run_blocks = encode_clip.run_blocks
+
+    def workers_lack_it(*args, **kwargs):
+        shutil.rmtree(weights.parent)  # after the client used it, before any worker does
+        return real_run_blocks(*args, **kwargs)
+
+    monkeypatch.setattr(encode_clip, "run_blocks", workers_lack_it)
+    result = CliRunner().invoke(
+        main,
+        [
+            "encode-clip",
+            "--dataset",
+            ds,
+            "-q",
+            "--set",
+            f"execution.scheduler_address={dask_cluster.address}",
+            "--set",
+            f"clip.weights={weights}",
+            "--set",
+            "clip.name=world-clip",
+            "--set",
+            "clip.preprocessing=deltaedit",
+        ],
+    )
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "on worker tcp://127.0.0.1:" in lines[0] and str(weights) in lines[0], lines

@@ -259,3 +259,42 @@ def test_fast_local_paths_match_zarr_byte_for_byte(tmp_path: Path, monkeypatch) 
     out = np.full((40, 5), -1, np.float32)
     partial.read_block_into("s", 1, out)
     assert (out == 0).all()
+
+
+def test_retry_policy_retries_transient_errors_only_and_gives_up_in_one_line():
+    import errno
+
+    from store.fs import RetryPolicy, StorageUnavailable
+
+    policy = RetryPolicy(retries=3, backoff_s=0.001)
+    calls = []
+
+    def flaky(fail: int, exc: Exception):
+        def f():
+            calls.append(1)
+            if len(calls) <= fail:
+                raise exc
+            return "ok"
+
+        return f
+
+    assert policy.call("s3://b/k", "cat_file", flaky(2, OSError(errno.EBUSY, "SlowDown"))) == "ok"
+    assert len(calls) == 3
+    calls.clear()
+    with pytest.raises(FileNotFoundError):  # a missing key is an answer, not a failure
+        policy.call("s3://b/k", "cat_file", flaky(5, FileNotFoundError("k")))
+    assert len(calls) == 1
+    calls.clear()
+    with pytest.raises(StorageUnavailable) as info:
+        policy.call("s3://b/k", "pipe_file", flaky(9, ConnectionResetError("reset")))
+    assert len(calls) == 4 and isinstance(info.value, OSError)
+    assert "s3://b/k: storage request failed on all 4 attempt(s)" in str(info.value)
+    assert "\n" not in str(info.value)
+    calls.clear()
+    # a delete whose first answer got lost: the retry finds nothing, which means done
+    seq = iter([TimeoutError("lost"), FileNotFoundError("k")])
+
+    def delete():
+        raise next(seq)
+
+    assert policy.call("s3://b/k", "rm_file", delete) is None
