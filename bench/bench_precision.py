@@ -199,7 +199,7 @@ def main() -> None:
 
     m = bench_mapper(args.batch, repeats, device)
     t, k, b = m["t"], m["k"], m["batch"]
-    clock = "wall" if k else "CPU-s"
+    clock = "CPU-s" if k else "wall"
 
     def rate(name: str) -> float:
         return b / t[name][k]
