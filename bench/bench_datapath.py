@@ -227,7 +227,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", choices=["encode", "sample", "render"])
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     n_img, n_rows = (256, 1024) if args.quick else (1024, 4096)
     batch = 256 if device.startswith("cuda") else 64
