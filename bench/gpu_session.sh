@@ -47,7 +47,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
     step precision 300 $PY bench/bench_precision.py --device $DEV --quick --batch 256
     step datapath 300 $PY bench/bench_datapath.py --device $DEV --quick --repeats 1 --only sample
     step generator-compile 300 $PY bench/bench_generator.py --device $DEV --quick \
-        --resolutions 256 --batch 2 --compile --bf16
+        --resolutions 64 --batch 2 --compile --bf16
     WT="--set world_train.n_train=64 --set world_train.n_heldout=32"
     A_MIN=0.05
     B_MIN=0.05
