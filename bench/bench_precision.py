@@ -89,11 +89,22 @@ def bench_mapper(batch: int, repeats: int, device: str) -> dict:
     c = torch.randn(batch, CLIP_DIM, generator=g).to(device)
     dt = torch.randn(CLIP_DIM, generator=g)
     target = [TargetDelta("t", dt / dt.norm(), 1.0, torch.ones(layout.conv_dim, dtype=bool))]
-    linears = [m for m in mapper.modules() if isinstance(m, EqualLinear)]
-    # the bare matmuls of one forward, on the same shapes: each layer's input [B, in]
-    xs = {id(m): torch.randn(batch, m.weight.shape[1], device=device) for m in linears}
-    weights = [(xs[id(m)], m.weight.detach().contiguous()) for m in linears]
-    flops = sum(2 * batch * w.shape[0] * w.shape[1] for _, w in weights)
+    # the bare matmuls of one forward, on the shapes each layer really sees ([B, in] or
+    # [B, L, in] for the levels of several layers), recorded by forward hooks
+    weights: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def record(module: EqualLinear, inputs: tuple, _out: torch.Tensor) -> None:
+        x = torch.randn(inputs[0].shape, device=device)
+        weights.append((x, module.weight.detach().contiguous()))
+
+    hooks = [
+        m.register_forward_hook(record) for m in mapper.modules() if isinstance(m, EqualLinear)
+    ]
+    with torch.inference_mode():
+        mapper_delta(mapper, s, c, target)
+    for h in hooks:
+        h.remove()
+    flops = sum(2 * x[..., 0].numel() * w.shape[0] * w.shape[1] for x, w in weights)
 
     def run(model: Callable, precision: str) -> Callable[[], None]:
         def go() -> None:
@@ -189,6 +200,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="cpu | cuda | auto")
     ap.add_argument("--batch", type=int, default=1024, help="mapper inference batch")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--only", choices=["mapper"], help="part A alone")
     args = ap.parse_args()
     device = resolve_device(args.device)
     repeats = args.repeats or (3 if args.quick else 5)
@@ -227,6 +239,8 @@ def main() -> None:
         f"max {m['rel_max']:.2e}"
     )
 
+    if args.only == "mapper":
+        return
     tr = bench_train_step(repeats, 2 if args.quick else 5, device)
     tt, n = tr["t"], tr["n"]
     print(
