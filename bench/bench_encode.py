@@ -96,7 +96,7 @@ def bench_encode_clip(
         IngestConfig(source=str(paths[0].parent), out=str(ds)), ExecutionConfig(), progress=False
     )
     execution = ExecutionConfig(device=device, workers=1, batch_size=batch)
-    cfg = EncodeClipConfig(dataset=str(ds), decode_threads=2)
+    cfg = EncodeClipConfig(dataset=str(ds))  # decode threads auto: sized from the cores
     clip = load_clip_ref(ref, device)
 
     def e2e() -> None:

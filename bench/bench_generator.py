@@ -37,6 +37,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.stylegan2 import Generator, config_f, create_generator  # noqa: E402
+from stages.common import autocast  # noqa: E402
+from stages.execution import CompiledGenerator  # noqa: E402
 
 SQRT2 = math.sqrt(2.0)
 
@@ -154,12 +156,30 @@ def grouped_synthesize(G: Generator, s: torch.Tensor) -> torch.Tensor:
     return img
 
 
+def psnr_db(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR of two renders in [-1, 1] as uint8 images (what render writes)."""
+
+    def u8(x: torch.Tensor) -> torch.Tensor:
+        return ((x.float().clamp(-1, 1) + 1) * 127.5).round()
+
+    mse = float(((u8(a) - u8(b)) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
 def rss_kib() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * (resource.getpagesize() // 1024)
 
 
-def bench_one(name: str, resolution: int, batch: int, quick: bool, device: torch.device) -> dict:
+def bench_one(
+    name: str,
+    resolution: int,
+    batch: int,
+    quick: bool,
+    device: torch.device,
+    compile_: bool = False,
+    bf16: bool = False,
+) -> dict:
     torch.manual_seed(0)
     G = create_generator(config_f(resolution), seed=0).to(device).eval()
     wplus = torch.randn(batch, G.n_latent, G.w_dim, device=device)
@@ -190,6 +210,20 @@ def bench_one(name: str, resolution: int, batch: int, quick: bool, device: torch
         if with_baseline:
             base_img = grouped_synthesize(G, s)
             fns["grouped"] = lambda: grouped_synthesize(G, s)
+        if compile_:  # execution.compile: torch.compile (CUDA graphs on a GPU), guarded
+            Gc = CompiledGenerator(G, str(device))
+            for _ in range(3):  # compile, then (reduce-overhead) record the graph
+                compiled_img = Gc.synthesize(s)
+            fns["S compiled"] = lambda: Gc.synthesize(s)
+        if bf16:  # execution.precision: bf16
+            with autocast(str(device), "bf16"):
+                bf16_img = G.synthesize(s).float()
+
+            def synth_bf16() -> None:
+                with autocast(str(device), "bf16"):
+                    G.synthesize(s)
+
+            fns["S bf16"] = synth_bf16
         for fn in fns.values():  # warm-up
             fn()
         t = rounds(fns, reps, device)
@@ -226,6 +260,18 @@ def bench_one(name: str, resolution: int, batch: int, quick: bool, device: torch
         "roofline_nhwc_gflops": fl / t["bare NHWC"][k] / 1e9,
         "fraction_of_roofline": t_roof / t_s,
     }
+    if compile_:
+        result.update(
+            compiled_eager=bool(Gc._eager),
+            compiled_fraction_of_roofline=t_roof / t["S compiled"][k],
+            compiled_speedup=t_s / t["S compiled"][k],
+            compiled_max_abs_diff=float((compiled_img - img).abs().max()),
+        )
+    if bf16:
+        result.update(
+            bf16_speedup=t_s / t["S bf16"][k],
+            bf16_psnr_db=psnr_db(img, bf16_img),
+        )
     if with_baseline:
         result.update(
             t_grouped_baseline=t["grouped"][k],
@@ -245,6 +291,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--resolutions", default="256,1024")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--compile", action="store_true", help="also time execution.compile")
+    ap.add_argument("--bf16", action="store_true", help="also time execution.precision bf16")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # child process: one resolution, JSON out
     args = ap.parse_args()
     if args.threads:
@@ -254,13 +302,17 @@ def main() -> None:
 
     if args.one:
         res = int(args.one)
-        print(json.dumps(bench_one(f"config-f-{res}", res, args.batch, args.quick, device)))
+        row = bench_one(
+            f"config-f-{res}", res, args.batch, args.quick, device, args.compile, args.bf16
+        )
+        print(json.dumps(row))
         return
 
     rows = []
     for res in [int(r) for r in args.resolutions.split(",")]:
         cmd = [sys.executable, __file__, "--one", str(res), "--batch", str(args.batch)]
         cmd += ["--device", str(device)] + (["--quick"] if args.quick else [])
+        cmd += (["--compile"] if args.compile else []) + (["--bf16"] if args.bf16 else [])
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -286,6 +338,18 @@ def main() -> None:
                 f"  grouped per-sample baseline: {row['t_grouped_baseline']:.3f} s "
                 f"({row['grouped_fraction_of_roofline']:.2f} of roofline); speedup "
                 f"{row['speedup_vs_grouped']:.2f}x; max |diff| {row['max_abs_diff_vs_grouped']:.2e}"
+            )
+        if "compiled_speedup" in row:
+            fell = " (compile failed: eager)" if row["compiled_eager"] else ""
+            print(
+                f"  execution.compile{fell}: {row['compiled_speedup']:.2f}x eager, "
+                f"{row['compiled_fraction_of_roofline']:.2f} of roofline; max |diff| "
+                f"{row['compiled_max_abs_diff']:.2e}"
+            )
+        if "bf16_speedup" in row:
+            print(
+                f"  execution.precision bf16: {row['bf16_speedup']:.2f}x fp32; PSNR vs fp32 "
+                f"{row['bf16_psnr_db']:.1f} dB"
             )
     print(json.dumps(rows))
 

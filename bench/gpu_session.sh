@@ -44,6 +44,10 @@ if [ "${SMOKE:-0}" = 1 ]; then
     step train 300 $PY bench/bench_train.py --device $DEV --quick
     step edit 300 $PY bench/bench_edit.py --device $DEV --quick --rows 2000 --images 16 --repeats 1
     step encode 300 $PY bench/bench_encode.py --device $DEV --quick --only sample
+    step precision 300 $PY bench/bench_precision.py --device $DEV --quick --batch 256
+    step datapath 300 $PY bench/bench_datapath.py --device $DEV --quick --repeats 1 --only sample
+    step generator-compile 300 $PY bench/bench_generator.py --device $DEV --quick \
+        --resolutions 64 --batch 2 --compile --bf16
     WT="--set world_train.n_train=64 --set world_train.n_heldout=32"
     A_MIN=0.05
     B_MIN=0.05
@@ -53,6 +57,11 @@ else
     step train 90 $PY bench/bench_train.py --device $DEV --rows 8192 --steps 50 --bf16
     step edit 90 $PY bench/bench_edit.py --device $DEV --rows 50000 --images 256 --repeats 3
     step encode 90 $PY bench/bench_encode.py --device $DEV
+    # issue 17: bf16 (mapper + generator), the data path alone, the generator at the render
+    # batch with channels_last + torch.compile (CUDA graphs) against the cuDNN roofline
+    step precision 90 $PY bench/bench_precision.py --device $DEV
+    step datapath 120 $PY bench/bench_datapath.py --device $DEV
+    step generator-b32 180 $PY bench/bench_generator.py --device $DEV --batch 32 --compile --bf16
     WT=""
     A_MIN=2.0
     B_MIN=1.2

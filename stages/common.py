@@ -36,9 +36,14 @@ class ExecutionConfig:
     storage_retries: int = 5  # retries of a storage request that failed transiently
     storage_backoff_s: float = 0.2  # first wait before a retry (doubles each time)
     worker_resources: dict[str, float] = field(default_factory=dict)  # {} = none requested
+    # compute dtype of the mapper (edit, train) and the generator (render, sample, relevance):
+    # fp32, or bf16 autocast (AMX / AVX512-BF16 CPUs, GPUs); stored values stay float32
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False  # torch.compile the generator's synthesis (CUDA graphs on a GPU)
 
     def validate(self) -> None:
         check_device(self.device)
+        require(self.precision in PRECISIONS, "precision", self.precision, "fp32 or bf16")
         require(self.workers >= 1, "workers", self.workers, "an integer >= 1")
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         ok = self.lease_timeout > 0
@@ -90,8 +95,70 @@ class ExecutionConfig:
                 self.worker_timeout_s,
                 self.storage_retries,
                 self.storage_backoff_s,
+                self.precision,
+                self.compile,
             )
         )
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(device: str, precision: str) -> Any:
+    """The context a model forward runs in: nothing for fp32; for bf16, torch.autocast to
+    bfloat16 on the device's type (matmuls and convolutions in bf16, reductions in fp32).
+    Callers convert outputs with `.float()` before storing them."""
+    import contextlib
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    import torch
+
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    return torch.autocast(device_type=kind, dtype=torch.bfloat16)
+
+
+def to_device(x: Any, device: str) -> Any:
+    """A host array or tensor on `device`: on CUDA through pinned memory with a
+    non-blocking copy (the copy overlaps the work queued before it); elsewhere as is."""
+    import torch
+
+    t = torch.from_numpy(x) if not isinstance(x, torch.Tensor) else x
+    if not str(device).startswith("cuda"):
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def cores() -> int:
+    """CPU cores this process may run on (its affinity mask, else os.cpu_count())."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+DecodeThreads = int | Literal["auto"]
+
+
+def check_decode_threads(value: Any) -> None:
+    ok = value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+    require(ok, "decode_threads", value, "auto, 0 (= auto) or an integer >= 1")
+
+
+def decode_threads_for(value: DecodeThreads, tasks: int = 1) -> int:
+    """Decode threads of one block task: `value`, or for auto / 0 the cores of this host
+    shared by the `tasks` block tasks running at once (at least 1)."""
+    if value == "auto" or value == 0:
+        return max(1, cores() // max(1, tasks))
+    return int(value)
+
+
+def decode_setting(value: DecodeThreads, execution: ExecutionConfig) -> DecodeThreads:
+    """What a block task gets: on the local scheduler the threads sized here (cores shared
+    by `execution.workers` tasks); on a cluster `value` as is, sized on each worker."""
+    return value if execution.scheduler_address else decode_threads_for(value, execution.workers)
 
 
 def check_device(device: str, key: str = "device") -> None:

@@ -26,7 +26,6 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 from model.layout import LEVELS, SLayout
-from stages.common import ClipRef, ExecutionConfig, resolve_device
+from stages.common import ClipRef, ExecutionConfig, autocast, resolve_device, to_device
 from stages.config import ConfigError, require
 from store.fs import absolute, check_reachable
 
@@ -150,7 +149,7 @@ def mapper_delta(
     total = None
     for t in targets:
         cond = mapper_condition(c, t.delta_t)
-        d = mapped_delta(mapper, s_conv, cond, t.mean_pull)
+        d = mapped_delta(mapper, s_conv, cond, t.mean_pull).float()  # targets summed in fp32
         scale = t.scale(d.device, d.dtype)
         if total is None:
             total = d if scale is None else d * scale
@@ -584,6 +583,7 @@ class _EditTask:
     model: Any = None  # the mapper the client loaded (local runs: no second load)
     out_url: str = ""  # the compute store
     rows: np.ndarray | None = None  # [n_compute] rows of the s / clip stores
+    precision: str = "fp32"  # execution.precision: the mapper's compute dtype
 
     def __call__(self, block: int) -> Any:
         out = self.open_out()
@@ -618,7 +618,15 @@ class _EditTask:
 
             mapper = cached(("mapper", url, device), load)
         return edit_rows(
-            s_blk, c_blk, self.targets, self.layout, mapper, self.gd, self.batch_size, device
+            s_blk,
+            c_blk,
+            self.targets,
+            self.layout,
+            mapper,
+            self.gd,
+            self.batch_size,
+            device,
+            self.precision,
         )
 
     def write(self, out: Any, block: int, s_new: np.ndarray) -> Any:
@@ -636,23 +644,25 @@ def _edit_in_process(
     task: _EditTask, out: Any, blocks: list[int], name: str, progress: bool
 ) -> Any:
     """The blocks of `task` in this process: the next block read and the previous one
-    written while the mapper runs."""
+    written while the mapper runs (stages.execution.run_staged)."""
     from tqdm import tqdm
 
-    from stages.execution import PassSummary
+    from stages.execution import PassSummary, run_staged
 
     summary = PassSummary(name, len(blocks))
     bar = tqdm(total=len(blocks), desc=name, unit="block", disable=not progress)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        writing = None
-        for b, (c_blk, s_blk) in prefetch(pool, lambda b: (b, task.read(out, b)), blocks):
-            s_new = task.edit(c_blk, s_blk)
-            if writing is not None:
-                summary.add(writing.result())
-            writing = pool.submit(task.write, out, b, s_new)
-            bar.update(1)
-        if writing is not None:
-            summary.add(writing.result())
+
+    def add(report: Any) -> None:
+        summary.add(report)
+        bar.update(1)
+
+    run_staged(
+        lambda b: task.read(out, b),
+        lambda b, data: task.edit(*data),
+        lambda b, s_new: task.write(out, b, s_new),
+        blocks,
+        add,
+    )
     bar.close()
     return summary
 
@@ -744,6 +754,8 @@ def _edit(
     for edit, neutral, targets in prepared:
         t0 = time.perf_counter()
         attrs = _provenance(cfg, edit, neutral, targets, s_store, c_store, clip, mapper, relevance)
+        if execution.precision != "fp32" and mapper is not None:  # bf16 rows differ from fp32
+            attrs["precision"] = execution.precision
         attrs["fingerprint"] = edit_fingerprint(attrs)
         url = edit_url(cfg, edit)
         spec = {"s": ArraySpec((layout.dim,), "float32")}
@@ -764,6 +776,7 @@ def _edit(
             device=execution.device,
             storage_options=dict(so),
             model=mapper if not execution.scheduler_address else None,
+            precision=execution.precision,
         )
 
         def compute(c_url: str, todo: np.ndarray, task=task, name=edit.name) -> PassSummary:
@@ -843,10 +856,12 @@ def edit_rows(
     gd_delta: torch.Tensor | None,
     batch_size: int,
     device: str = "cpu",
+    precision: str = "fp32",
 ) -> np.ndarray:
     """s' [n, D] for rows s [n, D] (c [n, E] for the mapper), in batches of batch_size.
 
-    `layout`: the layout whose conv channels the delta covers (the mapper's s_layout).
+    `layout`: the layout whose conv channels the delta covers (the mapper's s_layout);
+    `precision`: the mapper's compute dtype (bf16: autocast; the delta is added in fp32).
     """
     out = np.array(s, dtype=np.float32, copy=True)
     runs = conv_runs(layout)
@@ -857,24 +872,17 @@ def edit_rows(
             # always batch_size rows (the last batch padded): a row's delta does not depend
             # on which rows share its batch, so reused and recomputed edits agree bitwise
             take = np.minimum(np.arange(i, i + batch_size), len(s) - 1)
-            s_conv = torch.from_numpy(np.ascontiguousarray(out[take][:, idx])).to(device)
-            cb = torch.as_tensor(c[take], dtype=torch.float32, device=device)
-            delta = mapper_delta(mapper, s_conv, cb, targets).float().cpu().numpy()
+            s_conv = to_device(np.ascontiguousarray(out[take][:, idx]), device)
+            cb = to_device(np.ascontiguousarray(c[take], dtype=np.float32), device)
+            with autocast(device, precision):
+                delta = mapper_delta(mapper, s_conv, cb, targets)
+            delta = delta.float().cpu().numpy()
             delta = delta[: len(out[rows])]
         else:
             delta = gd_delta.float().cpu().numpy()[None]
         for flat, conv in runs:
             out[rows, flat] += delta[:, conv]
     return out
-
-
-def prefetch(pool: ThreadPoolExecutor, load: Callable, items: Sequence) -> Any:
-    """load(item) for each item in order, the next one read while the caller works."""
-    nxt = pool.submit(load, items[0]) if len(items) else None
-    for k in range(len(items)):
-        cur = nxt.result()
-        nxt = pool.submit(load, items[k + 1]) if k + 1 < len(items) else None
-        yield cur
 
 
 def check_relevance(rel: Relevance, layout: SLayout, clip: Any) -> None:

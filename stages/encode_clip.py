@@ -23,11 +23,21 @@ from PIL import Image
 
 from model.checkpoint import sha256_file
 from stages import images
-from stages.common import ClipRef, ExecutionConfig, resolve_device
+from stages.common import (
+    ClipRef,
+    DecodeThreads,
+    ExecutionConfig,
+    check_decode_threads,
+    decode_setting,
+    decode_threads_for,
+    resolve_device,
+    to_device,
+)
 from stages.config import require
 from stages.execution import (
     BlockReport,
     PassSummary,
+    Staged,
     counts_of,
     for_workers,
     leased,
@@ -51,11 +61,11 @@ class EncodeClipConfig:
     """`encode_clip:` in params."""
 
     dataset: str = "data/images"  # holds manifest.zarr; clip.zarr is written beside it
-    decode_threads: int = 2  # threads decoding images ahead of the model, per block task
+    decode_threads: DecodeThreads = "auto"  # decoding threads per block task; auto/0: cores/workers
 
     def validate(self) -> None:
         require(bool(self.dataset), "dataset", self.dataset, "a dataset folder or URL")
-        require(self.decode_threads >= 0, "decode_threads", self.decode_threads, "an integer >= 0")
+        check_decode_threads(self.decode_threads)
 
 
 @dataclass
@@ -268,13 +278,22 @@ def deltaedit_pool(pixels: np.ndarray, size: int) -> np.ndarray:
 
 
 def clip_inputs(clip, arrays: list[np.ndarray], preprocessing: str) -> torch.Tensor:
-    import torch
-
     """Model-thread half: the arrays of clip_pixels -> model input [B, 3, S, S]."""
-    x = torch.from_numpy(np.stack(arrays)).to(clip.device).permute(0, 3, 1, 2)
+    x = to_device(np.stack(arrays), str(clip.device)).permute(0, 3, 1, 2)
     if preprocessing == "deltaedit":
         return x.float().contiguous()
     return clip.preprocess_images(x.float() / 127.5 - 1.0, "clip")
+
+
+def write_encoded(url: str, storage_options: dict, block: int, result: tuple) -> BlockReport:
+    """The write step of an image encoder's block: (start time, row results, status,
+    problem lines, {name: row shape}) into the compute store at `url`."""
+    start, results, status, lines, shapes = result
+    out = RowStore.open(url, storage_options=storage_options)
+    out.write_block(block, assemble(results, len(status), shapes), status)
+    return BlockReport(
+        block, len(status), counts_of(status), tuple(lines), time.perf_counter() - start
+    )
 
 
 def assemble(
@@ -331,7 +350,9 @@ def up_to_date(
 
 
 @dataclass(frozen=True)
-class _ClipTask:
+class _ClipTask(Staged):
+    """Embed one block of images (read / compute / write steps: stages.execution.Staged)."""
+
     out_url: str  # the compute store: row i = sources[i]
     sources: tuple[str, ...]
     root: str
@@ -339,18 +360,19 @@ class _ClipTask:
     clip: ClipRef
     device: str
     batch_size: int
-    decode_threads: int
+    decode_threads: DecodeThreads
     storage_options: dict = field(default_factory=dict)
 
-    def __call__(self, block: int) -> BlockReport:
+    def read(self, block: int) -> float:  # the images are read by the decode threads
+        return time.perf_counter()
+
+    def compute(self, block: int, start: float) -> tuple:
         import torch
 
         device = resolve_device(self.device)  # on the worker: auto = its own GPU if any
-        start = time.perf_counter()
-        out = RowStore.open(self.out_url, storage_options=self.storage_options)
         clip = load_clip_ref(self.clip, device)
         prep = self.clip.preprocessing
-        rows = out.block_rows(block)
+        rows = RowStore.open(self.out_url, storage_options=self.storage_options).block_rows(block)
 
         def prepare(img: Image.Image) -> np.ndarray:
             return clip_pixels(img, prep, clip.image_size)
@@ -367,13 +389,12 @@ class _ClipTask:
             prepare,
             forward,
             self.batch_size,
-            self.decode_threads,
+            decode_threads_for(self.decode_threads),
         )
-        data = assemble(results, len(status), {"embed": (clip.embed_dim,)})
-        out.write_block(block, data, status)
-        return BlockReport(
-            block, len(status), counts_of(status), tuple(lines), time.perf_counter() - start
-        )
+        return start, results, status, lines, {"embed": (clip.embed_dim,)}
+
+    def write(self, block: int, result: tuple) -> BlockReport:
+        return write_encoded(self.out_url, self.storage_options, block, result)
 
 
 def run_encode_clip(
@@ -433,7 +454,7 @@ def _encode_clip(
             for_workers(clip_ref),
             execution.device,
             execution.batch_size,
-            cfg.decode_threads,
+            decode_setting(cfg.decode_threads, execution),
             dict(so),
         )
 

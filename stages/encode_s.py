@@ -18,19 +18,29 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from stages.common import E4ERef, ExecutionConfig, GeneratorRef, resolve_device
+from stages.common import (
+    DecodeThreads,
+    E4ERef,
+    ExecutionConfig,
+    GeneratorRef,
+    check_decode_threads,
+    decode_setting,
+    decode_threads_for,
+    resolve_device,
+    to_device,
+)
 from stages.config import require
 from stages.encode_clip import (
     EncodeResult,
-    assemble,
     encode_image_block,
     model_inputs,
     run_image_pass,
     up_to_date,
+    write_encoded,
 )
 from stages.execution import (
     BlockReport,
-    counts_of,
+    Staged,
     for_workers,
     leased,
     load_e4e_ref,
@@ -49,11 +59,11 @@ class EncodeSConfig:
 
     dataset: str = "data/images"  # holds manifest.zarr; s.zarr is written beside it
     keep_wplus: bool = False  # also store the e4e W+ [N, L, W]
-    decode_threads: int = 2
+    decode_threads: DecodeThreads = "auto"  # decoding threads per block task; auto/0: cores/workers
 
     def validate(self) -> None:
         require(bool(self.dataset), "dataset", self.dataset, "a dataset folder or URL")
-        require(self.decode_threads >= 0, "decode_threads", self.decode_threads, "an integer >= 0")
+        check_decode_threads(self.decode_threads)
 
 
 class EncodeSError(ValueError):
@@ -78,7 +88,9 @@ def to_input(img: Image.Image, size: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class _STask:
+class _STask(Staged):
+    """Invert one block of images (read / compute / write steps: stages.execution.Staged)."""
+
     out_url: str  # the compute store: row i = sources[i]
     sources: tuple[str, ...]
     root: str
@@ -87,25 +99,26 @@ class _STask:
     e4e: E4ERef
     device: str
     batch_size: int
-    decode_threads: int
+    decode_threads: DecodeThreads
     keep_wplus: bool
     storage_options: dict = field(default_factory=dict)
 
-    def __call__(self, block: int) -> BlockReport:
+    def read(self, block: int) -> float:  # the images are read by the decode threads
+        return time.perf_counter()
+
+    def compute(self, block: int, start: float) -> tuple:
         import torch
 
         device = resolve_device(self.device)  # on the worker: auto = its own GPU if any
-        start = time.perf_counter()
-        out = RowStore.open(self.out_url, storage_options=self.storage_options)
         G = load_generator_ref(self.generator, device)
         enc = load_e4e_ref(self.e4e, device)
-        rows = out.block_rows(block)
+        rows = RowStore.open(self.out_url, storage_options=self.storage_options).block_rows(block)
 
         def prepare(img: Image.Image) -> np.ndarray:
             return e4e_pixels(img, enc.input_size)
 
         def forward(arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
-            x = torch.from_numpy(np.stack(arrays)).to(device)
+            x = to_device(np.stack(arrays), device)
             x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [B, 3, S, S] in [-1, 1]
             with torch.no_grad():
                 wplus = enc(x)  # [B, L, W]
@@ -122,15 +135,15 @@ class _STask:
             prepare,
             forward,
             self.batch_size,
-            self.decode_threads,
+            decode_threads_for(self.decode_threads),
         )
         shapes: dict[str, tuple[int, ...]] = {"s": (G.layout.dim,)}
         if self.keep_wplus:
             shapes["wplus"] = (G.n_latent, G.w_dim)
-        out.write_block(block, assemble(results, len(status), shapes), status)
-        return BlockReport(
-            block, len(status), counts_of(status), tuple(lines), time.perf_counter() - start
-        )
+        return start, results, status, lines, shapes
+
+    def write(self, block: int, result: tuple) -> BlockReport:
+        return write_encoded(self.out_url, self.storage_options, block, result)
 
 
 def run_encode_s(
@@ -202,7 +215,7 @@ def _encode_s(
             for_workers(e4e),
             execution.device,
             execution.batch_size,
-            cfg.decode_threads,
+            decode_setting(cfg.decode_threads, execution),
             cfg.keep_wplus,
             dict(so),
         )

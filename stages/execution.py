@@ -25,7 +25,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 from tqdm import tqdm
@@ -57,6 +57,50 @@ class BlockReport:
 
 class BlockTask(Protocol):
     def __call__(self, block: int) -> BlockReport: ...
+
+
+@runtime_checkable
+class StagedTask(Protocol):
+    """A block task in three steps, which the local runner overlaps across blocks:
+    read(block) -> inputs (store reads), compute(block, inputs) -> outputs (the model),
+    write(block, outputs) -> BlockReport (store writes). `Staged` gives it __call__."""
+
+    def read(self, block: int) -> Any: ...
+    def compute(self, block: int, data: Any) -> Any: ...
+    def write(self, block: int, result: Any) -> BlockReport: ...
+
+
+class Staged:
+    """Mixin: __call__(block) = write(compute(read(block))), one block alone (a Dask task)."""
+
+    def __call__(self, block: int) -> BlockReport:
+        task: Any = self
+        return task.write(block, task.compute(block, task.read(block)))
+
+
+def run_staged(
+    read: Callable[[int], Any],
+    compute: Callable[[int, Any], Any],
+    write: Callable[[int, Any], BlockReport],
+    blocks: Sequence[int],
+    on_report: Callable[[BlockReport], None],
+) -> None:
+    """Blocks in order, the next block read and the previous one written (two threads)
+    while the caller's thread computes one: at most three blocks in memory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        reading = pool.submit(read, blocks[0]) if len(blocks) else None
+        writing = None
+        for k, b in enumerate(blocks):
+            data = reading.result()  # type: ignore[union-attr]
+            reading = pool.submit(read, blocks[k + 1]) if k + 1 < len(blocks) else None
+            result = compute(b, data)
+            if writing is not None:
+                on_report(writing.result())
+            writing = pool.submit(write, b, result)
+        if writing is not None:
+            on_report(writing.result())
 
 
 @dataclass
@@ -199,6 +243,14 @@ def _run_local(
     import dask
     from dask.callbacks import Callback
 
+    if workers == 1 and isinstance(task, StagedTask):  # one block at a time: overlap its steps
+
+        def add(report: BlockReport) -> None:
+            summary.add(report)
+            bar.update(1)
+
+        run_staged(task.read, task.compute, task.write, blocks, add)
+        return
     lock = threading.Lock()
 
     def posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
@@ -402,6 +454,44 @@ def load_generator_ref(ref: GeneratorRef, device: str):
 
     ref = for_workers(ref)  # one cache entry per file, wherever the process started
     return cached(("generator", ref, device), load)
+
+
+class CompiledGenerator:
+    """A generator whose `synthesize` runs through torch.compile (on CUDA in
+    'reduce-overhead' mode: CUDA graphs; elsewhere the default mode). Guarded: a compile
+    that fails (no compiler, an unsupported op) falls back to eager synthesis for good,
+    with one warning. Everything else is the wrapped generator's."""
+
+    def __init__(self, generator: Any, device: str) -> None:
+        import torch
+
+        self.generator = generator
+        mode = "reduce-overhead" if str(device).startswith("cuda") else "default"
+        self._compiled = torch.compile(generator.synthesize, mode=mode, dynamic=False)
+        self._eager = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.generator, name)
+
+    def synthesize(self, s: Any, noise_mode: str = "const") -> Any:
+        if not self._eager:
+            try:
+                return self._compiled(s, noise_mode=noise_mode).clone()  # graphs reuse outputs
+            except Exception as exc:  # noqa: BLE001 - any compile failure: eager from now on
+                import warnings
+
+                warnings.warn(
+                    f"execution.compile: torch.compile failed ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}); synthesis runs eager",
+                    stacklevel=2,
+                )
+                self._eager = True
+        return self.generator.synthesize(s, noise_mode=noise_mode)
+
+
+def compiled_generator(generator: Any, device: str) -> CompiledGenerator:
+    """`generator` behind torch.compile (execution.compile), once per process and model."""
+    return cached(("compiled", id(generator), device), lambda: CompiledGenerator(generator, device))
 
 
 def load_clip_ref(ref: ClipRef, device: str):

@@ -34,7 +34,14 @@ import numpy as np
 
 from model.checkpoint import sha256_file
 from stages import images
-from stages.common import ExecutionConfig, GeneratorRef
+from stages.common import (
+    DecodeThreads,
+    ExecutionConfig,
+    GeneratorRef,
+    check_decode_threads,
+    decode_setting,
+    decode_threads_for,
+)
 from stages.config import require
 from stages.execution import (
     BlockReport,
@@ -63,11 +70,11 @@ class IngestConfig:
     max_pixels: int = 40_000_000  # images whose header claims more are TOO_LARGE, undecoded
     rows_per_shard: int = 1024
     extensions: tuple[str, ...] = images.IMAGE_EXTENSIONS
-    decode_threads: int = 2  # threads reading + decode-checking files, per block task
+    decode_threads: DecodeThreads = "auto"  # decoding threads per block task; auto/0: cores/workers
 
     def validate(self) -> None:
         require(bool(self.source), "source", self.source, "a folder or .tar path")
-        require(self.decode_threads >= 0, "decode_threads", self.decode_threads, "an integer >= 0")
+        check_decode_threads(self.decode_threads)
         require(bool(self.out), "out", self.out, "a dataset folder or URL")
         require(self.max_pixels >= 1, "max_pixels", self.max_pixels, "an integer >= 1")
         require(self.rows_per_shard >= 1, "rows_per_shard", self.rows_per_shard, "an integer >= 1")
@@ -134,7 +141,7 @@ class _ScanTask:
     sources: tuple[str, ...]
     refused: tuple[str, ...]
     max_pixels: int
-    threads: int
+    threads: DecodeThreads
     known: dict[str, tuple[int, str, tuple[int, int]]]  # sha256 -> (status, reason, size)
     storage_options: dict = field(default_factory=dict)
 
@@ -166,8 +173,9 @@ class _ScanTask:
                 return Status[got.outcome], got.reason, got
 
             todo = range(rows.start, rows.stop)
+            threads = decode_threads_for(self.threads)
             for k, (st, why, got) in enumerate(
-                prefetch_map(check, todo, self.threads, ahead=4 * max(self.threads, 1))
+                prefetch_map(check, todo, threads, ahead=4 * threads)
             ):
                 status[k], reason[k] = st, why
                 sha[k], size[k] = got.sha256, got.size
@@ -337,7 +345,7 @@ def _ingest(
         tuple(sources),
         tuple(refused),
         cfg.max_pixels,
-        cfg.decode_threads,
+        decode_setting(cfg.decode_threads, execution),
         known,
         dict(so),
     )

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from model.layout import SLayout
-from stages.common import ClipRef, ExecutionConfig, GeneratorRef, resolve_device
+from stages.common import ClipRef, ExecutionConfig, GeneratorRef, autocast, resolve_device
 from stages.config import require
 from stages.execution import for_workers
 from store.fs import absolute, check_reachable
@@ -111,7 +111,7 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 
 def _embed(generator: Any, clip: Any, s: torch.Tensor, preprocessing: str) -> torch.Tensor:
     """normalize(CLIP(G(s))) [B, E]."""
-    img = generator.synthesize(s, noise_mode="const")
+    img = generator.synthesize(s, noise_mode="const").float()
     return _normalize(clip.encode_images(img, preprocessing=preprocessing).float())
 
 
@@ -246,6 +246,7 @@ class _RelevanceTask:
     device: str  # as configured ('auto' resolves on the worker)
     batch_size: int
     storage_options: dict = field(default_factory=dict)
+    precision: str = "fp32"  # execution.precision: generator + CLIP compute dtype
 
     def __call__(self, block: int):
         from stages.execution import BlockReport, load_clip_ref, load_generator_ref
@@ -269,13 +270,14 @@ class _RelevanceTask:
             m = torch.as_tensor(mean, device=device)
             sd = torch.as_tensor(std, device=device)
             pre = self.clip.preprocessing
-            if self.method == "finite-difference":
-                d = finite_difference_directions(
-                    G, clip, base, conv, m, sd, self.sigma, self.batch_size, pre
-                )
-            else:
-                d = jacobian_directions(G, clip, base, conv, m, sd, self.batch_size, pre)
-            dirs[is_conv[sl]] = d.numpy()
+            with autocast(device, self.precision):
+                if self.method == "finite-difference":
+                    d = finite_difference_directions(
+                        G, clip, base, conv, m, sd, self.sigma, self.batch_size, pre
+                    )
+                else:
+                    d = jacobian_directions(G, clip, base, conv, m, sd, self.batch_size, pre)
+            dirs[is_conv[sl]] = d.float().numpy()
         status = np.where(is_conv[sl], int(Status.OK), int(Status.SKIPPED)).astype(np.uint8)
         out.write_block(block, {"directions": dirs, "s_mean": mean[sl], "s_std": std[sl]}, status)
         return BlockReport(
@@ -364,6 +366,8 @@ def _relevance(
         "layout": layout.to_dict(),
         "stats_sha256": hashlib.sha256(mean.tobytes() + std.tobytes()).hexdigest(),
     }
+    if execution.precision != "fp32":  # bf16 directions differ from fp32 ones
+        attrs["precision"] = execution.precision
     attrs["fingerprint"] = _fingerprint(attrs)
     out = _create(cfg, layout, clip.embed_dim, attrs, ArraySpec, RowStore, so)
     task = _RelevanceTask(
@@ -378,6 +382,7 @@ def _relevance(
         execution.device,
         execution.batch_size,
         dict(so),
+        execution.precision,
     )
     pending = out.pending_blocks()
     summary = run_blocks(

@@ -36,8 +36,9 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from stages.common import ExecutionConfig, GeneratorRef, resolve_device
+from stages.common import ExecutionConfig, GeneratorRef, autocast, resolve_device, to_device
 from stages.config import require
+from stages.execution import Staged
 from store import fs as storefs
 
 ORIGINALS = "originals"
@@ -100,14 +101,15 @@ def render_s(
     batch_size: int = 16,
     device: str = "cpu",
     noise_mode: str = "const",
+    precision: str = "fp32",
 ) -> np.ndarray:
-    """Images uint8 [n, H, W, 3] for S codes [n, D]."""
+    """Images uint8 [n, H, W, 3] for S codes [n, D] (`precision`: the synthesis dtype)."""
     import torch
 
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, precision):
         for i in range(0, len(s), batch_size):
-            sb = torch.as_tensor(s[i : i + batch_size], dtype=torch.float32, device=device)
+            sb = to_device(np.ascontiguousarray(s[i : i + batch_size], dtype=np.float32), device)
             out.append(to_uint8(generator.synthesize(sb, noise_mode=noise_mode)))
     if not out:
         r = generator.resolution
@@ -459,7 +461,7 @@ def _read_bounded(
 
 
 @dataclass(frozen=True)
-class _RenderTask:
+class _RenderTask(Staged):
     """Render the rows of one shard-aligned block of one store and write their files
     straight to `out_dir` (a Dask task: the image bytes never travel back).
 
@@ -479,14 +481,15 @@ class _RenderTask:
     noise_mode: str
     storage_options: dict = field(default_factory=dict)
     model: Any = None  # a generator object the caller passed in (instead of the ref)
+    precision: str = "fp32"  # execution.precision: the synthesis dtype
+    compile: bool = False  # execution.compile: synthesis through torch.compile
 
-    def __call__(self, block: int) -> Any:
-        from stages.execution import BlockReport, load_generator_ref
+    def read(self, block: int) -> tuple[float, np.ndarray, np.ndarray | None]:
+        """(start, the block's rows to render, their S codes)."""
         from store import RowStore, Status
 
         t0 = time.perf_counter()
         so = self.storage_options
-        device = resolve_device(self.device)
         st = RowStore.open(self.store_url, storage_options=so)
         sl = st.block_rows(block)
         ok = np.asarray(st.array("status")[sl]) == int(Status.OK)
@@ -495,10 +498,28 @@ class _RenderTask:
             ok &= np.asarray(src.array("status")[sl]) == int(Status.OK)
         rows = np.arange(sl.start, sl.stop)[ok]
         rows = rows[rows <= self.last_row]
+        s = st.read("s", rows=sl)[rows - sl.start] if len(rows) else None
+        return t0, rows, s
+
+    def compute(self, block: int, data: tuple) -> tuple[float, np.ndarray, np.ndarray | None]:
+        from stages.execution import compiled_generator, load_generator_ref
+
+        t0, rows, s = data
+        if not len(rows):
+            return t0, rows, None
+        device = resolve_device(self.device)
+        G = self.model if self.model is not None else load_generator_ref(self.generator, device)
+        if self.compile:
+            G = compiled_generator(G, device)
+        imgs = render_s(G, s, self.batch_size, device, self.noise_mode, self.precision)
+        return t0, rows, imgs
+
+    def write(self, block: int, result: tuple) -> Any:
+        from stages.execution import BlockReport
+
+        t0, rows, imgs = result
+        so = self.storage_options
         if len(rows):
-            G = self.model if self.model is not None else load_generator_ref(self.generator, device)
-            s = st.read("s", rows=sl)[rows - sl.start]
-            imgs = render_s(G, s, self.batch_size, device, self.noise_mode)
             suffix = ".png" if self.fmt == "png" else ".jpg"
             files = [
                 (row_file(int(r), suffix), encode_image(im, self.fmt, self.quality))
@@ -611,6 +632,8 @@ def run(
                 cfg.noise_mode,
                 dict(so),
                 model,
+                execution.precision,
+                execution.compile,
             )
             blocks = np.unique(rows // st.rows_per_shard).tolist()
             summary = run_blocks(
@@ -626,7 +649,12 @@ def run(
         # the sample the sheets and the gallery show, rendered once more here (few rows)
         picked = shown[np.isin(shown, rows)]
         imgs = render_s(
-            generator, st.read("s", rows=picked), execution.batch_size, device, cfg.noise_mode
+            generator,
+            st.read("s", rows=picked),
+            execution.batch_size,
+            device,
+            cfg.noise_mode,
+            execution.precision,
         )
         keep = {int(r): im for r, im in zip(picked, imgs, strict=True)}
         if name in in_gallery:

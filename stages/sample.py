@@ -22,11 +22,19 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from stages.common import ClipRef, ExecutionConfig, GeneratorRef, resolve_device
+from stages.common import (
+    ClipRef,
+    ExecutionConfig,
+    GeneratorRef,
+    autocast,
+    resolve_device,
+    to_device,
+)
 from stages.config import require
 from stages.execution import (
     BlockReport,
     PassSummary,
+    Staged,
     counts_of,
     create_output,
     for_workers,
@@ -67,7 +75,10 @@ def sample_z(seed: int, rows: range, z_dim: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _SampleTask:
+class _SampleTask(Staged):
+    """Sample one block: read (its z), compute (mapping, synthesis, CLIP), write the three
+    stores (steps overlapped across blocks by the local runner, stages.execution.Staged)."""
+
     urls: tuple[str, str, str]  # manifest, clip, s
     generator: GeneratorRef
     clip: ClipRef
@@ -76,29 +87,41 @@ class _SampleTask:
     device: str
     batch_size: int
     storage_options: dict = field(default_factory=dict)
+    precision: str = "fp32"  # execution.precision: generator + CLIP compute dtype
 
-    def __call__(self, block: int) -> BlockReport:
-        device = resolve_device(self.device)  # on the worker: auto = its own GPU if any
+    def read(self, block: int) -> tuple[float, range, np.ndarray]:
         start = time.perf_counter()
-        so = self.storage_options
-        manifest, clip_store, s_store = (RowStore.open(u, storage_options=so) for u in self.urls)
+        rows = RowStore.open(self.urls[0], storage_options=self.storage_options).block_rows(block)
+        z_dim = load_generator_ref(self.generator, resolve_device(self.device)).config.in_dim
+        return start, rows, sample_z(self.seed, range(rows.start, rows.stop), z_dim)
+
+    def compute(self, block: int, data: tuple) -> tuple:
+        start, rows, z_all = data
+        device = resolve_device(self.device)  # on the worker: auto = its own GPU if any
         G = load_generator_ref(self.generator, device)
         clip = load_clip_ref(self.clip, device)
-        rows = manifest.block_rows(block)
         n = rows.stop - rows.start
         s_out = np.zeros((n, G.layout.dim), dtype=np.float32)
         c_out = np.zeros((n, clip.embed_dim), dtype=np.float32)
-        z_all = sample_z(self.seed, range(rows.start, rows.stop), G.config.in_dim)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, self.precision):
             for lo in range(0, n, self.batch_size):
                 hi = min(lo + self.batch_size, n)
-                z = torch.from_numpy(z_all[lo:hi]).to(device)
+                z = to_device(z_all[lo:hi], device)
                 w = G.mapping(z, truncation=self.truncation)  # [B, W]
                 s = G.w_to_s(G.wplus(w))  # [B, D]
                 img = G.synthesize(s, noise_mode="const")  # [B, 3, H, W] raw
-                c = clip.encode_images(img.clamp(-1, 1), preprocessing=self.clip.preprocessing)
+                c = clip.encode_images(
+                    img.float().clamp(-1, 1), preprocessing=self.clip.preprocessing
+                )
                 s_out[lo:hi] = s.float().cpu().numpy()
                 c_out[lo:hi] = c.float().cpu().numpy()
+        return start, rows, s_out, c_out, G.resolution
+
+    def write(self, block: int, result: tuple) -> BlockReport:
+        start, rows, s_out, c_out, resolution = result
+        so = self.storage_options
+        manifest, clip_store, s_store = (RowStore.open(u, storage_options=so) for u in self.urls)
+        n = rows.stop - rows.start
         status = np.full(n, Status.OK, dtype=np.uint8)
         bad = mark_non_finite(status, [s_out, c_out])
         reasons = tuple(f"NON_FINITE: sample:{self.seed}:{rows.start + k}" for k in bad)
@@ -117,7 +140,7 @@ class _SampleTask:
                 "ids": np.array([f"sample-{r:06d}" for r in row_ids]),
                 "source": np.array([f"sample:{self.seed}:{r}" for r in row_ids]),
                 "sha256": np.array([""] * n),
-                "size": np.tile(np.array([[G.resolution, G.resolution]], np.int32), (n, 1)),
+                "size": np.tile(np.array([[resolution, resolution]], np.int32), (n, 1)),
                 "reason": np.array([""] * n),
             },
             status,
@@ -168,7 +191,9 @@ def _sample(
     device = resolve_device(execution.device)
     G = load_generator_ref(generator, device)
     clip = load_clip_ref(clip_ref, device)
-    sample_attrs = {"seed": cfg.seed, "truncation": cfg.truncation, "noise_mode": "const"}
+    sample_attrs: dict = {"seed": cfg.seed, "truncation": cfg.truncation, "noise_mode": "const"}
+    if execution.precision != "fp32":  # bf16 rows differ from fp32 ones
+        sample_attrs["precision"] = execution.precision
     s_attrs = {
         "stage": "sample",
         "fingerprint": G.fingerprint,
@@ -215,6 +240,7 @@ def _sample(
         execution.device,
         execution.batch_size,
         dict(so),
+        execution.precision,
     )
     summary = run_blocks(
         task,

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.layout import SLayout
 from model.mapper import DeltaMapper, save_mapper
-from stages.common import ExecutionConfig, resolve_device
+from stages.common import ExecutionConfig, autocast, resolve_device
 from stages.config import require
 
 STATE_FORMAT = "deltaedit-train-state"
@@ -758,6 +758,8 @@ def _run(
         "generator_fingerprint": data.generator_fingerprint,
         "rows": rows,
     }
+    if execution.precision != "fp32":
+        meta["precision"] = execution.precision  # the compute dtype of the steps
     start, history = 0, []
     if resume:
         outs.fetch_for_resume()
@@ -844,8 +846,9 @@ def _run(
             tw = time.perf_counter()
             batch = prefetch.get()
             wait += time.perf_counter() - tw
-            pred = mapper(batch.s, batch.cond)
-            loss, mse, cos = mapper_loss(pred, batch.target, cfg.l2_lambda, cfg.cos_lambda)
+            with autocast(device, execution.precision):  # bf16: the forward's matmuls
+                pred = mapper(batch.s, batch.cond)
+            loss, mse, cos = mapper_loss(pred.float(), batch.target, cfg.l2_lambda, cfg.cos_lambda)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

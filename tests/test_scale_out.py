@@ -286,13 +286,13 @@ def test_every_worker_gone_is_one_line_after_the_timeout_and_the_store_resumes(
     kept = st.done_blocks()
     assert 0 < len(kept) < st.n_blocks  # stopped mid-pass, blocks kept
     calls = []
-    real_call = _ClipTask.__call__
+    real_compute = _ClipTask.compute  # the model step, alone or in the staged runner
 
-    def counting(self, block):
+    def counting(self, block, data):
         calls.append(block)
-        return real_call(self, block)
+        return real_compute(self, block, data)
 
-    monkeypatch.setattr(_ClipTask, "__call__", counting)
+    monkeypatch.setattr(_ClipTask, "compute", counting)
     run_encode_clip(EncodeClipConfig(dataset=ds), clip, ExecutionConfig(device="cpu"))
     assert sorted(calls) == sorted(set(range(st.n_blocks)) - set(kept))  # only the pending
     ref = RowStore.open(f"{local_run}/images/clip.zarr")
@@ -461,13 +461,13 @@ def test_a_store_that_stops_answering_mid_pass_is_one_line_and_a_rerun_resumes(
     kept = st.done_blocks()
     assert 0 < len(kept) < st.n_blocks
     calls = []
-    real_call = _ClipTask.__call__
+    real_compute = _ClipTask.compute  # the model step, alone or in the staged runner
 
-    def counting(self, block):
+    def counting(self, block, data):
         calls.append(block)
-        return real_call(self, block)
+        return real_compute(self, block, data)
 
-    monkeypatch.setattr(_ClipTask, "__call__", counting)
+    monkeypatch.setattr(_ClipTask, "compute", counting)
     # the stopped pass ran in this process: its lease names a live pid (a new process
     # would take it over by itself, the pid being gone)
     again = ExecutionConfig(device="cpu", storage_options=so, batch_size=8, break_lease=True)
