@@ -9,7 +9,16 @@ import fsspec
 import numpy as np
 
 from store.errors import NotAStore, StoreError
-from store.rowstore import DONE, STATUS, RowStore, _hint, _is_str_dtype
+from store.rowstore import (
+    DONE,
+    STATUS,
+    RowStore,
+    _hint,
+    _is_str_dtype,
+    is_float,
+    storage_dtype,
+    value_dtype,
+)
 from store.status import Status, status_counts
 from store.update import verify_checksum
 
@@ -109,8 +118,14 @@ def verify_store(rs: RowStore, progress: Callable[[int], None] | None = None) ->
             reasons.append(
                 f"array {name!r} has shape {tuple(a.shape)}, expected {(rs.n_rows, *tail)}"
             )
-        if spec and not _is_str_dtype(spec.dtype) and np.dtype(a.dtype) != np.dtype(spec.dtype):
-            reasons.append(f"array {name!r} has dtype {a.dtype}, expected {spec.dtype}")
+        if spec and not _is_str_dtype(spec.dtype):
+            try:
+                want = storage_dtype(spec.dtype)
+            except StoreError as exc:
+                reasons.append(f"array {name!r}: {exc}")
+                continue
+            if np.dtype(a.dtype) != want:
+                reasons.append(f"array {name!r} has dtype {a.dtype}, expected {spec.dtype}")
         if not a.shards or a.shards[0] != rs.rows_per_shard:
             reasons.append(
                 f"array {name!r} shards {a.shards} do not match blocks of {rs.rows_per_shard} rows"
@@ -135,13 +150,12 @@ def verify_store(rs: RowStore, progress: Callable[[int], None] | None = None) ->
         reasons.append(
             f"status holds unknown codes {sorted(set(raw_status.tolist()) - set(Status))}"
         )
-    float_arrays = [
-        n
-        for n, s in rs.specs.items()
-        if not _is_str_dtype(s.dtype) and np.dtype(s.dtype).kind in "fc"
-    ]
+    float_arrays = [n for n, s in rs.specs.items() if _known(s.dtype) and is_float(s.dtype)]
     bad_pending: list[int] = []
     bad_values: dict[str, int] = {}
+    # one reused float32 block buffer per array: memory bounded by a block, any store size
+    rps = rs.rows_per_shard
+    buffers = {n: np.empty((rps, *rs.specs[n].tail), np.float32) for n in float_arrays}
     for b in np.flatnonzero(done).tolist():
         sl = rs.block_rows(b)
         st = raw_status[sl]
@@ -150,8 +164,13 @@ def verify_store(rs: RowStore, progress: Callable[[int], None] | None = None) ->
         ok = st == Status.OK
         if ok.any():
             for name in float_arrays:
-                block = rs.read(name, sl)[ok]
-                n_bad = int((~np.isfinite(block)).reshape(block.shape[0], -1).any(axis=1).sum())
+                if value_dtype(rs.specs[name].dtype) == np.float32:
+                    block = buffers[name][: sl.stop - sl.start]
+                    rs.read_block_into(name, b, block)
+                else:
+                    block = rs.read(name, sl)
+                finite = np.isfinite(block).reshape(block.shape[0], -1).all(axis=1)
+                n_bad = int((ok & ~finite).sum())
                 if n_bad:
                     bad_values[name] = bad_values.get(name, 0) + n_bad
         if progress is not None:
@@ -167,6 +186,14 @@ def verify_store(rs: RowStore, progress: Callable[[int], None] | None = None) ->
     if edited:
         reasons.append(edited)
     return reasons
+
+
+def _known(dtype: str) -> bool:
+    try:
+        storage_dtype(dtype)
+    except StoreError:
+        return False
+    return True
 
 
 def count_non_finite(rs: RowStore, names: Sequence[str], rows: np.ndarray) -> int:
