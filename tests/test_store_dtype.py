@@ -184,3 +184,24 @@ def test_a_budget_below_one_shard_names_the_minimum(tmp_path):
         PairSampler(src, 4, seed=0, memory_budget=need - 1, force_mode="sharded")
     assert "\n" not in str(exc.value)
     PairSampler(src, 4, seed=0, memory_budget=need, force_mode="sharded").close()
+
+
+def test_sample_stores_its_s_as_configured_and_the_cli_refuses_a_bad_dtype(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from stages.common import ClipRef
+    from stages.sample import SampleConfig, run_sample
+
+    rows = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = SampleConfig(n=4, out=str(tmp_path / dtype), rows_per_shard=4, dtype=dtype)
+        run_sample(cfg, GeneratorRef(), ClipRef(), EXEC, progress=False)
+        rows[dtype] = RowStore.open(str(tmp_path / dtype / "s.zarr"))
+    assert rows["bfloat16"].specs["s"].dtype == "bfloat16"
+    assert rows["bfloat16"].fingerprint != rows["float32"].fingerprint
+    s32, sbf = rows["float32"].read("s"), rows["bfloat16"].read("s")
+    assert 0 < np.abs(sbf - s32).max() <= 4e-3 * np.abs(s32).max()
+    res = CliRunner().invoke(main, ["sample", "--set", "sample.dtype=float8"])
+    assert res.exit_code != 0 and "sample.dtype" in res.output and "bfloat16" in res.output
+    assert "Traceback" not in res.output
