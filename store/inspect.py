@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fsspec
@@ -153,28 +154,45 @@ def verify_store(rs: RowStore, progress: Callable[[int], None] | None = None) ->
     float_arrays = [n for n, s in rs.specs.items() if _known(s.dtype) and is_float(s.dtype)]
     bad_pending: list[int] = []
     bad_values: dict[str, int] = {}
-    # one reused float32 block buffer per array: memory bounded by a block, any store size
-    rps = rs.rows_per_shard
-    buffers = {n: np.empty((rps, *rs.specs[n].tail), np.float32) for n in float_arrays}
-    for b in np.flatnonzero(done).tolist():
-        sl = rs.block_rows(b)
-        st = raw_status[sl]
-        if (st == Status.PENDING).any():
+    done_blocks = np.flatnonzero(done).tolist()
+    for b in done_blocks:
+        if (raw_status[rs.block_rows(b)] == Status.PENDING).any():
             bad_pending.append(b)
-        ok = st == Status.OK
-        if ok.any():
-            for name in float_arrays:
-                if value_dtype(rs.specs[name].dtype) == np.float32:
-                    block = buffers[name][: sl.stop - sl.start]
-                    rs.read_block_into(name, b, block)
-                else:
-                    block = rs.read(name, sl)
+    # blocks with ok rows, streamed: the next block is read (one thread) while this one is
+    # checked, into one of two reused float32 buffers per array: memory of 2 blocks
+    to_check = [b for b in done_blocks if (raw_status[rs.block_rows(b)] == Status.OK).any()]
+    rps = rs.rows_per_shard
+    buffers = [
+        {n: np.empty((rps, *rs.specs[n].tail), np.float32) for n in float_arrays} for _ in (0, 1)
+    ]
+
+    def read(b: int, slot: int) -> dict[str, np.ndarray]:
+        sl = rs.block_rows(b)
+        out = {}
+        for name in float_arrays:
+            if value_dtype(rs.specs[name].dtype) == np.float32:
+                out[name] = buffers[slot][name][: sl.stop - sl.start]
+                rs.read_block_into(name, b, out[name])
+            else:
+                out[name] = rs.read(name, sl)
+        return out
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-read") as pool:
+        ahead = pool.submit(read, to_check[0], 0) if to_check and float_arrays else None
+        for k, b in enumerate(to_check):
+            ok = raw_status[rs.block_rows(b)] == Status.OK
+            blocks = ahead.result() if ahead is not None else {}
+            if ahead is not None and k + 1 < len(to_check):
+                ahead = pool.submit(read, to_check[k + 1], (k + 1) % 2)
+            for name, block in blocks.items():
                 finite = np.isfinite(block).reshape(block.shape[0], -1).all(axis=1)
                 n_bad = int((ok & ~finite).sum())
                 if n_bad:
                     bad_values[name] = bad_values.get(name, 0) + n_bad
+            if progress is not None:
+                progress(1)
         if progress is not None:
-            progress(1)
+            progress(len(done_blocks) - len(to_check))
     if bad_pending:
         reasons.append(
             f"done marks inconsistent with status: blocks {bad_pending[:8]} are marked done but "
