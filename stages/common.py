@@ -174,6 +174,33 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc malloc.h
+
+
+def release_freed_memory(threshold: int = 1 << 18) -> bool:
+    """Have glibc's malloc serve every block >= `threshold` bytes by mmap (given back to the
+    OS when freed) and trim the heap above 2 x threshold, for this process.
+
+    Without it glibc raises its mmap threshold to the largest block freed so far (up to
+    32 MiB), so a pass whose 10-30 MB weight-, gradient- and shard-sized buffers come and go
+    (train, edit) grows its heap past its memory budget. Called at the start of such a
+    pass; a threshold set in the environment (MALLOC_MMAP_THRESHOLD_) is left as it is.
+    True when set; False elsewhere (another libc: nothing changes)."""
+    import ctypes
+    import os
+    import platform
+
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1
+    return ok and mallopt(_M_TRIM_THRESHOLD, 2 * int(threshold)) == 1
+
+
 @dataclass(frozen=True)
 class GeneratorRef:
     """A generator: a checkpoint `path`, or a registered `config` built with `seed`."""

@@ -33,8 +33,16 @@ import numpy as np
 import torch
 
 from model.layout import LEVELS, SLayout
-from stages.common import ClipRef, ExecutionConfig, autocast, resolve_device, to_device
+from stages.common import (
+    ClipRef,
+    ExecutionConfig,
+    autocast,
+    release_freed_memory,
+    resolve_device,
+    to_device,
+)
 from stages.config import ConfigError, require
+from store import FLOAT_DTYPES
 from store.fs import absolute, check_reachable
 
 Method = Literal["mapper", "global-direction"]
@@ -324,8 +332,10 @@ class EditConfig:
     # mapper method: delta_s = (M(s, [c, d]) - M(s, [c, -d])) / 2 (see mapped_delta);
     # false = the mapper's output as is (the official DeltaEdit inference)
     antisymmetric: bool = False
+    dtype: str = "float32"  # how edits store s': float32 | float16 | bfloat16 (half the bytes)
 
     def validate(self) -> None:
+        require(self.dtype in FLOAT_DTYPES, "dtype", self.dtype, " | ".join(FLOAT_DTYPES))
         names: set[str] = set()
         for i, spec in enumerate(self.edits):
             spec.check(f"edits[{i}]")
@@ -705,6 +715,7 @@ def _edit(
     edits = cfg.resolved()
     if not edits:
         raise EditError("no edits: list them under edit.edits in params or pass --target")
+    release_freed_memory()  # block-sized buffers come and go: give them back when freed
     device = resolve_device(execution.device)
     so = execution.storage()
     check_reachable(cfg.out_dir, so)
@@ -734,7 +745,8 @@ def _edit(
     if need_rel:
         relevance = load_relevance(cfg.relevance, so)
         check_relevance(relevance, layout, clip)
-    manifest_ids = _manifest_ids(urls["manifest"], s_store.n_rows, so)
+    # ids only when the selection names rows by id (a str per row: not read otherwise)
+    manifest_ids = _manifest_ids(urls["manifest"], s_store.n_rows, so) if cfg.select.ids else None
     ok = np.intersect1d(s_store.ok_rows(), c_store.ok_rows())
     rows = select_rows(cfg.select, ok, s_store.n_rows, manifest_ids)
     if len(rows) == 0:
@@ -756,9 +768,11 @@ def _edit(
         attrs = _provenance(cfg, edit, neutral, targets, s_store, c_store, clip, mapper, relevance)
         if execution.precision != "fp32" and mapper is not None:  # bf16 rows differ from fp32
             attrs["precision"] = execution.precision
+        if cfg.dtype != "float32":  # part of the fingerprint: dtypes are never mixed
+            attrs["dtype"] = cfg.dtype
         attrs["fingerprint"] = edit_fingerprint(attrs)
         url = edit_url(cfg, edit)
-        spec = {"s": ArraySpec((layout.dim,), "float32")}
+        spec = {"s": ArraySpec((layout.dim,), cfg.dtype)}
         gd = None
         if cfg.method == "global-direction":
             s_std_conv = torch.as_tensor(relevance.s_std[layout.conv_index()])

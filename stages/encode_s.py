@@ -46,8 +46,9 @@ from stages.execution import (
     load_e4e_ref,
     load_generator_ref,
 )
-from store import ArraySpec, RowStore, store_url
+from store import FLOAT_DTYPES, ArraySpec, RowStore, store_url
 from store.fs import check_reachable
+from store.rowstore import dtype_fingerprint
 
 if TYPE_CHECKING:  # torch loads only when a pass has rows to encode
     import torch
@@ -60,9 +61,11 @@ class EncodeSConfig:
     dataset: str = "data/images"  # holds manifest.zarr; s.zarr is written beside it
     keep_wplus: bool = False  # also store the e4e W+ [N, L, W]
     decode_threads: DecodeThreads = "auto"  # decoding threads per block task; auto/0: cores/workers
+    dtype: str = "float32"  # how s is stored: float32 | float16 | bfloat16 (half the bytes)
 
     def validate(self) -> None:
         require(bool(self.dataset), "dataset", self.dataset, "a dataset folder or URL")
+        require(self.dtype in FLOAT_DTYPES, "dtype", self.dtype, " | ".join(FLOAT_DTYPES))
         check_decode_threads(self.decode_threads)
 
 
@@ -70,8 +73,9 @@ class EncodeSError(ValueError):
     """The e4e encoder and the generator do not fit together; one line."""
 
 
-def s_fingerprint(generator_fp: str, e4e_fp: str) -> str:
-    return hashlib.sha256(f"{generator_fp}+{e4e_fp}".encode()).hexdigest()
+def s_fingerprint(generator_fp: str, e4e_fp: str, dtype: str = "float32") -> str:
+    fp = hashlib.sha256(f"{generator_fp}+{e4e_fp}".encode()).hexdigest()
+    return dtype_fingerprint(fp, dtype)
 
 
 def e4e_pixels(img: Image.Image, size: int) -> np.ndarray:
@@ -182,7 +186,8 @@ def _encode_s(
     check_reachable(cfg.dataset, so)
     RowStore.open(store_url(cfg.dataset, "manifest"), require_complete=True, storage_options=so)
     refs = {"generator": generator, "e4e": e4e}
-    inputs = model_inputs(refs, [generator.path, e4e.path], keep_wplus=cfg.keep_wplus)
+    dtype = {} if cfg.dtype == "float32" else {"dtype": cfg.dtype}
+    inputs = model_inputs(refs, [generator.path, e4e.path], keep_wplus=cfg.keep_wplus, **dtype)
     fresh = overwrite or reuse
     done = None if fresh else up_to_date(cfg.dataset, "s", inputs, "encode-s", so)
     if done is not None:
@@ -196,13 +201,13 @@ def _encode_s(
             f"[{G.n_latent}, {G.w_dim}]; use the e4e trained for this generator "
             f"(params e4e.path / e4e.config)"
         )
-    arrays = {"s": ArraySpec((G.layout.dim,), "float32")}
+    arrays = {"s": ArraySpec((G.layout.dim,), cfg.dtype)}
     if cfg.keep_wplus:
         arrays["wplus"] = ArraySpec((G.n_latent, G.w_dim), "float32")
     attrs = {
         "stage": "encode-s",
         "inputs": inputs,
-        "fingerprint": s_fingerprint(G.fingerprint, enc.fingerprint),
+        "fingerprint": s_fingerprint(G.fingerprint, enc.fingerprint, cfg.dtype),
         "generator": G.fingerprint,
         "e4e": enc.fingerprint,
         "layout": G.layout.to_dict(),

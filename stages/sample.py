@@ -44,8 +44,9 @@ from stages.execution import (
     mark_non_finite,
     run_blocks,
 )
-from store import ArraySpec, RowStore, Status, store_url
+from store import FLOAT_DTYPES, ArraySpec, RowStore, Status, store_url
 from store.fs import absolute, check_reachable
+from store.rowstore import dtype_fingerprint
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,10 @@ class SampleConfig:
     truncation: float = 1.0  # psi; 1 = none (the official recipe)
     out: str = "data/sampled"
     rows_per_shard: int = 128
+    dtype: str = "float32"  # how s is stored: float32 | float16 | bfloat16 (half the bytes)
 
     def validate(self) -> None:
+        require(self.dtype in FLOAT_DTYPES, "dtype", self.dtype, " | ".join(FLOAT_DTYPES))
         require(self.n >= 1, "n", self.n, "an integer >= 1")
         require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
         require(0.0 < self.truncation <= 2.0, "truncation", self.truncation, "a number in (0, 2]")
@@ -196,7 +199,7 @@ def _sample(
         sample_attrs["precision"] = execution.precision
     s_attrs = {
         "stage": "sample",
-        "fingerprint": G.fingerprint,
+        "fingerprint": dtype_fingerprint(G.fingerprint, cfg.dtype),
         "generator": G.fingerprint,
         "layout": G.layout.to_dict(),
         **sample_attrs,
@@ -224,7 +227,7 @@ def _sample(
         urls[1], cfg.n, rps, {"embed": ArraySpec((clip.embed_dim,), "float32")}, c_attrs, *how
     )
     s_store = create_output(
-        urls[2], cfg.n, rps, {"s": ArraySpec((G.layout.dim,), "float32")}, s_attrs, *how
+        urls[2], cfg.n, rps, {"s": ArraySpec((G.layout.dim,), cfg.dtype)}, s_attrs, *how
     )
     pending = sorted(
         set(manifest.pending_blocks())

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.layout import SLayout
 from model.mapper import DeltaMapper, save_mapper
-from stages.common import ExecutionConfig, autocast, resolve_device
+from stages.common import ExecutionConfig, autocast, release_freed_memory, resolve_device
 from stages.config import require
 
 STATE_FORMAT = "deltaedit-train-state"
@@ -719,6 +719,7 @@ def _run(
 
     cfg.validate()
     execution = execution or ExecutionConfig()
+    release_freed_memory()  # peak RSS within memory_budget + model + optimizer
     device = resolve_device(execution.device)
     so = execution.storage()
     outs = _Outputs(cfg, so, staging)

@@ -13,11 +13,12 @@ from store.errors import (
     StoreError,
 )
 from store.lease import LeaseHeld, LeaseLost, hold_lease, read_lease
-from store.rowstore import SCHEMA_VERSION, ArraySpec, RowStore, ok_rows, store_url
+from store.rowstore import FLOAT_DTYPES, SCHEMA_VERSION, ArraySpec, RowStore, ok_rows, store_url
 from store.sampler import PairSampler, SamplerSource
 from store.status import Status, status_counts, summary_line
 
 __all__ = [
+    "FLOAT_DTYPES",
     "SCHEMA_VERSION",
     "ArraySpec",
     "FingerprintMismatch",

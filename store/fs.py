@@ -577,3 +577,21 @@ def check_reachable(url: str, storage_options: StorageOptions | None = None) -> 
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__
+
+
+def require_free_space(url: str, need: int, what: str) -> None:
+    """Refuse (StorageError, one line) to start writing `need` bytes of `what` under a local
+    `url` whose disk has less free space; URLs (object storage) are not checked."""
+    if is_remote(url):
+        return
+    import shutil
+
+    path = os.path.abspath(url)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    free = shutil.disk_usage(path).free
+    if need > free:
+        raise StorageError(
+            f"{url}: {what} needs {need / 1e9:.1f} GB, the disk there has {free / 1e9:.1f} GB "
+            f"free; nothing was written: free space, choose another folder, or write fewer rows"
+        )

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fsspec
 import numpy as np
 
 from store.errors import NotAStore, StoreError
-from store.rowstore import DONE, STATUS, RowStore, _hint, _is_str_dtype
+from store.rowstore import (
+    DONE,
+    STATUS,
+    RowStore,
+    _hint,
+    _is_str_dtype,
+    is_float,
+    storage_dtype,
+    value_dtype,
+)
 from store.status import Status, status_counts
 from store.update import verify_checksum
 
@@ -109,8 +119,14 @@ def verify_store(rs: RowStore, progress: Callable[[int], None] | None = None) ->
             reasons.append(
                 f"array {name!r} has shape {tuple(a.shape)}, expected {(rs.n_rows, *tail)}"
             )
-        if spec and not _is_str_dtype(spec.dtype) and np.dtype(a.dtype) != np.dtype(spec.dtype):
-            reasons.append(f"array {name!r} has dtype {a.dtype}, expected {spec.dtype}")
+        if spec and not _is_str_dtype(spec.dtype):
+            try:
+                want = storage_dtype(spec.dtype)
+            except StoreError as exc:
+                reasons.append(f"array {name!r}: {exc}")
+                continue
+            if np.dtype(a.dtype) != want:
+                reasons.append(f"array {name!r} has dtype {a.dtype}, expected {spec.dtype}")
         if not a.shards or a.shards[0] != rs.rows_per_shard:
             reasons.append(
                 f"array {name!r} shards {a.shards} do not match blocks of {rs.rows_per_shard} rows"
@@ -135,27 +151,48 @@ def verify_store(rs: RowStore, progress: Callable[[int], None] | None = None) ->
         reasons.append(
             f"status holds unknown codes {sorted(set(raw_status.tolist()) - set(Status))}"
         )
-    float_arrays = [
-        n
-        for n, s in rs.specs.items()
-        if not _is_str_dtype(s.dtype) and np.dtype(s.dtype).kind in "fc"
-    ]
+    float_arrays = [n for n, s in rs.specs.items() if _known(s.dtype) and is_float(s.dtype)]
     bad_pending: list[int] = []
     bad_values: dict[str, int] = {}
-    for b in np.flatnonzero(done).tolist():
-        sl = rs.block_rows(b)
-        st = raw_status[sl]
-        if (st == Status.PENDING).any():
+    done_blocks = np.flatnonzero(done).tolist()
+    for b in done_blocks:
+        if (raw_status[rs.block_rows(b)] == Status.PENDING).any():
             bad_pending.append(b)
-        ok = st == Status.OK
-        if ok.any():
-            for name in float_arrays:
-                block = rs.read(name, sl)[ok]
-                n_bad = int((~np.isfinite(block)).reshape(block.shape[0], -1).any(axis=1).sum())
+    # blocks with ok rows, streamed: the next block is read (one thread) while this one is
+    # checked, into one of two reused float32 buffers per array: memory of 2 blocks
+    to_check = [b for b in done_blocks if (raw_status[rs.block_rows(b)] == Status.OK).any()]
+    rps = rs.rows_per_shard
+    buffers = [
+        {n: np.empty((rps, *rs.specs[n].tail), np.float32) for n in float_arrays} for _ in (0, 1)
+    ]
+
+    def read(b: int, slot: int) -> dict[str, np.ndarray]:
+        sl = rs.block_rows(b)
+        out = {}
+        for name in float_arrays:
+            if value_dtype(rs.specs[name].dtype) == np.float32:
+                out[name] = buffers[slot][name][: sl.stop - sl.start]
+                rs.read_block_into(name, b, out[name])
+            else:
+                out[name] = rs.read(name, sl)
+        return out
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify-read") as pool:
+        ahead = pool.submit(read, to_check[0], 0) if to_check and float_arrays else None
+        for k, b in enumerate(to_check):
+            ok = raw_status[rs.block_rows(b)] == Status.OK
+            blocks = ahead.result() if ahead is not None else {}
+            if ahead is not None and k + 1 < len(to_check):
+                ahead = pool.submit(read, to_check[k + 1], (k + 1) % 2)
+            for name, block in blocks.items():
+                finite = np.isfinite(block).reshape(block.shape[0], -1).all(axis=1)
+                n_bad = int((ok & ~finite).sum())
                 if n_bad:
                     bad_values[name] = bad_values.get(name, 0) + n_bad
+            if progress is not None:
+                progress(1)
         if progress is not None:
-            progress(1)
+            progress(len(done_blocks) - len(to_check))
     if bad_pending:
         reasons.append(
             f"done marks inconsistent with status: blocks {bad_pending[:8]} are marked done but "
@@ -167,6 +204,14 @@ def verify_store(rs: RowStore, progress: Callable[[int], None] | None = None) ->
     if edited:
         reasons.append(edited)
     return reasons
+
+
+def _known(dtype: str) -> bool:
+    try:
+        storage_dtype(dtype)
+    except StoreError:
+        return False
+    return True
 
 
 def count_non_finite(rs: RowStore, names: Sequence[str], rows: np.ndarray) -> int:

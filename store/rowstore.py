@@ -17,6 +17,7 @@ that are not done, so they only ever see rows whose data is complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -88,6 +89,99 @@ def _json_default(value: Any) -> Any:
 
 def _is_str_dtype(dtype: str) -> bool:
     return str(dtype) in ("str", "string", "U", "<U", "object") or str(dtype).startswith("<U")
+
+
+# Reduced-precision float arrays (S codes, edits): what a store may hold, and how.
+# zarr 3.1 has no bfloat16 dtype: a bfloat16 array is stored as its uint16 bit patterns
+# (the top half of the float32), the spec in the group attrs names "bfloat16".
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+_STORED_AS = {"bfloat16": np.dtype("uint16")}
+_HALF = ("float16", "bfloat16")
+
+
+def storage_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype zarr stores for an ArraySpec dtype (bfloat16 -> uint16)."""
+    dtype = str(dtype)
+    if dtype in _STORED_AS:
+        return _STORED_AS[dtype]
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        raise StoreError(
+            f"dtype {dtype!r} is not one a store can hold; use one of {', '.join(FLOAT_DTYPES)} "
+            f"for latents (or a numpy dtype)"
+        ) from None
+
+
+def value_dtype(dtype: str) -> np.dtype:
+    """The dtype readers get for an ArraySpec dtype: float32 for float16/bfloat16 arrays."""
+    return np.dtype(np.float32) if str(dtype) in _HALF else storage_dtype(dtype)
+
+
+def is_float(dtype: str) -> bool:
+    return not _is_str_dtype(dtype) and (str(dtype) in _HALF or np.dtype(dtype).kind in "fc")
+
+
+def encode_values(values: np.ndarray, dtype: str) -> np.ndarray:
+    """Values as the store holds them: float32 -> float16 (numpy rounding) or bfloat16 bit
+    patterns (round to nearest even; NaN stays NaN, overflow goes to +-Inf)."""
+    if str(dtype) != "bfloat16":
+        return values.astype(storage_dtype(dtype), copy=False)
+    f = np.ascontiguousarray(values, dtype=np.float32)
+    x = f.reshape(-1).view(np.uint32)
+    out = np.empty(x.shape, np.uint16)
+    step = 1 << 16  # values a pass: the temporaries stay in cache
+    r = np.empty(min(step, x.size), np.uint32)
+    for lo in range(0, x.size, step):
+        xs, rs = x[lo : lo + step], r[: min(step, x.size - lo)]
+        np.right_shift(xs, 16, out=rs)
+        np.bitwise_and(rs, 1, out=rs)
+        rs += 0x7FFF
+        rs += xs  # uint32 wraps only for NaN patterns, fixed below
+        rs >>= 16
+        out[lo : lo + step] = rs
+    nan = np.flatnonzero(np.isnan(f.reshape(-1)))
+    if nan.size:  # quiet NaN, sign and payload top kept (rounding could make it Inf)
+        out[nan] = ((x[nan] >> np.uint32(16)) | np.uint32(0x0040)).astype(np.uint16)
+    return out.reshape(f.shape)
+
+
+def decode_into(raw: np.ndarray, dtype: str, out: np.ndarray) -> None:
+    """Stored values -> float32 `out` (same shape)."""
+    if str(dtype) == "bfloat16" and out.flags.c_contiguous and out.dtype == np.float32:
+        np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32)
+    elif str(dtype) == "bfloat16":
+        out[...] = decode_values(raw, dtype)
+    else:
+        out[...] = raw
+
+
+def decode_values(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values as readers see them (float32 for float16/bfloat16 arrays)."""
+    if str(dtype) == "bfloat16":
+        return (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    if str(dtype) == "float16":
+        return raw.astype(np.float32)
+    return raw
+
+
+def dtype_fingerprint(fingerprint: str, dtype: str) -> str:
+    """A producer's fingerprint for rows stored as `dtype`: float32 keeps it as it is, a
+    reduced dtype mixes in (rows of two dtypes are never reused into one store)."""
+    if str(dtype) == "float32":
+        return fingerprint
+    return hashlib.sha256(f"{fingerprint}+{dtype}".encode()).hexdigest()
+
+
+def store_nbytes(n_rows: int, arrays: dict[str, ArraySpec]) -> int:
+    """Bytes a store of these numeric arrays takes on disk, uncompressed (status included;
+    str arrays counted at 64 bytes a value: compressed keys take less)."""
+    row = 1  # status
+    for spec in arrays.values():
+        width = int(np.prod(spec.tail, dtype=np.int64))
+        size = 64 if _is_str_dtype(spec.dtype) else storage_dtype(spec.dtype).itemsize
+        row += width * size
+    return int(n_rows) * row
 
 
 def _chunk_rows(rows_per_shard: int, row_bytes: int) -> int:
@@ -193,6 +287,9 @@ class RowStore:
             k: ArraySpec(tuple(int(t) for t in v.tail), str(v.dtype), v.compress)
             for k, v in arrays.items()
         }
+        for spec in specs.values():
+            if not _is_str_dtype(spec.dtype):
+                storage_dtype(spec.dtype)  # one line for a dtype a store cannot hold
         user_attrs = _jsonable(dict(attrs))
         meta = {
             **user_attrs,
@@ -232,7 +329,7 @@ class RowStore:
         group: zarr.Group, name: str, spec: ArraySpec, n_rows: int, rps: int, attrs: dict
     ) -> None:
         is_str = _is_str_dtype(spec.dtype)
-        dtype = str if is_str else np.dtype(spec.dtype)
+        dtype = str if is_str else storage_dtype(spec.dtype)
         tail = tuple(spec.tail)
         if is_str:
             row_bytes = 64 * int(np.prod(tail, dtype=np.int64))
@@ -241,7 +338,7 @@ class RowStore:
         chunk = _chunk_rows(rps, row_bytes)
         compress = spec.compress
         if compress is None:
-            compress = is_str or dtype.kind not in "fc"
+            compress = not is_float(spec.dtype)
         kwargs: dict[str, Any] = {} if compress else {"compressors": None}
         group.create_array(
             name,
@@ -481,7 +578,14 @@ class RowStore:
 
     # ------------------------------------------------------------------ read
     def read(self, name: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
-        """Rows of one array (raw: rows of pending blocks hold the fill value; see status())."""
+        """Rows of one array (rows of pending blocks hold the fill value; see status()).
+        float16 / bfloat16 arrays come back as float32."""
+        spec = self.specs.get(name)
+        raw = self.read_raw(name, rows)
+        return decode_values(raw, spec.dtype) if spec is not None else raw
+
+    def read_raw(self, name: str, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """Rows of one array as stored (bfloat16: uint16 bit patterns)."""
         arr = self.array(name)
         if rows is None:
             return arr[...]
@@ -514,7 +618,13 @@ class RowStore:
         arr = self.array(name)
         if out.shape[0] < n or out.shape[1:] != tuple(arr.shape[1:]):
             raise StoreError(f"{self.url}: read_block_into({name!r}, {b}) got out {out.shape}")
-        if not self._read_shard_file(arr, b, out[:n]):
+        spec = self.specs.get(name)
+        if spec is not None and str(spec.dtype) in _HALF:  # the half-size block, then widen
+            raw = np.empty((n, *arr.shape[1:]), dtype=storage_dtype(spec.dtype))
+            if not self._read_shard_file(arr, b, raw):
+                raw = arr[sl]
+            decode_into(raw, spec.dtype, out[:n])
+        elif not self._read_shard_file(arr, b, out[:n]):
             out[:n] = arr[sl]
 
     def _read_shard_file(self, arr: zarr.Array, b: int, out: np.ndarray) -> bool:
@@ -667,7 +777,7 @@ class RowStore:
                 if v.dtype.kind not in "UT":
                     v = np.array([str(x) for x in v.ravel()]).reshape(v.shape)
             else:
-                v = v.astype(np.dtype(spec.dtype), copy=False)
+                v = encode_values(v, spec.dtype)
             if v.shape != (n, *spec.tail):
                 raise StoreError(
                     f"{self.url}: write_block({b}) array {name!r} has shape {v.shape}, "

@@ -54,6 +54,19 @@ class _Unit:
     first: int  # global index (position in the union) of local[0]
 
 
+def load_overhead(rows_per_shard: int, s_full: int, c_full: int) -> int:
+    """Bytes the sampler needs on top of its buffers to load one block of s and c: zarr
+    holds the raw shard bytes, the decoded block and our row selection (measured ~3.4x the
+    block with tracemalloc), plus ~0.3 MiB of asyncio/zarr bookkeeping per read."""
+    return _LOAD_FIXED_BYTES + 4 * rows_per_shard * 4 * (s_full + c_full)
+
+
+def min_sharded_budget(rows_per_shard: int, s_dim: int, c_dim: int, overhead: int) -> int:
+    """The smallest memory budget of a shard-blocked sampler: 2 resident shards + 1 being
+    prefetched, of [rows_per_shard, s_dim + c_dim] float32 (+ int64 index), + `overhead`."""
+    return 3 * rows_per_shard * (4 * (s_dim + c_dim) + 8) + overhead
+
+
 class PairSampler:
     """Batches of {"s_i", "c_i", "s_j", "c_j"} (float32 [B, Ds] / [B, E]) of random pairs."""
 
@@ -89,11 +102,8 @@ class PairSampler:
         self.s_dim = int(self.s_columns.size if self.s_columns is not None else self._s_full)
         self.c_dim = int(self._c_full)
         self._row_bytes = 4 * (self.s_dim + self.c_dim) + 8
-        # loading one block: zarr holds the raw shard bytes, the decoded block and our row
-        # selection (measured ~3.4x the block with tracemalloc), plus ~0.3 MiB of asyncio/zarr
-        # bookkeeping per read
-        self._load_overhead = _LOAD_FIXED_BYTES + max(
-            4 * src.s.rows_per_shard * 4 * (self._s_full + self._c_full) for src in self.sources
+        self._load_overhead = max(
+            load_overhead(src.s.rows_per_shard, self._s_full, self._c_full) for src in self.sources
         )
         self._rng = np.random.default_rng(self.seed)
         self._batches = 0
@@ -214,6 +224,7 @@ class PairSampler:
         k = int(min((self.memory_budget - self._load_overhead) // slot_bytes - 1, n_units - 1))
         if k < 2:
             need = 3 * slot_bytes + self._load_overhead
+            assert need == min_sharded_budget(cap, self.s_dim, self.c_dim, self._load_overhead)
             raise StoreError(
                 f"PairSampler: memory_budget {self.memory_budget} B holds fewer than 2 shards "
                 f"({slot_bytes} B each, one more to prefetch, + {self._load_overhead} B to load "

@@ -21,7 +21,7 @@ import numpy as np
 
 from store.errors import StoreError
 from store.fs import filesystem
-from store.rowstore import STATUS, ArraySpec, RowStore, _is_str_dtype, _jsonable
+from store.rowstore import STATUS, ArraySpec, RowStore, _is_str_dtype, _jsonable, value_dtype
 from store.status import Status
 
 KEY = "sha256"  # the row key array: sha256 of the row's source bytes
@@ -175,7 +175,7 @@ def assemble_block(
         elif _is_str_dtype(spec.dtype):
             data[name] = np.full((n, *spec.tail), "", dtype=str)
         else:
-            data[name] = np.zeros((n, *spec.tail), dtype=np.dtype(spec.dtype))
+            data[name] = np.zeros((n, *spec.tail), dtype=value_dtype(spec.dtype))
     for s in np.unique(src[src != NO_SOURCE]).tolist():
         at = np.flatnonzero(src == s)
         rows = row[at]
