@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -103,7 +104,7 @@ def test_gallery_opens_from_disk_and_every_image_loads(tmp_path):
         ["after", "reference"],
         [GalleryRow(f"row {i}", [f"a/{i}.png", f"extra/{i}.jpg"]) for i in range(3)],
     )
-    page = write_gallery(tmp_path, [sec], "test gallery")
+    page = Path(write_gallery(tmp_path, [sec], "test gallery"))
     text = page.read_text()
     assert "file://" not in text and str(tmp_path) not in text  # relative links only
     assert "&lt;face&gt;" in text
@@ -118,7 +119,7 @@ def test_gallery_opens_from_disk_and_every_image_loads(tmp_path):
 def test_gallery_check_notices_a_missing_image(tmp_path):
     (tmp_path / "ok.png").write_bytes(encode_image(image(0), "png"))
     sec = GallerySection(["x"], ["img"], [GalleryRow("r", ["ok.png"]), GalleryRow("s", ["no.png"])])
-    data = open_in_chromium(write_gallery(tmp_path, [sec], "t"))
+    data = open_in_chromium(Path(write_gallery(tmp_path, [sec], "t")))
     assert data.get("images-loaded") == "1" and data.get("images-broken") == "1"
 
 
