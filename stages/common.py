@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from stages.config import require
@@ -82,21 +82,10 @@ class ExecutionConfig:
         device is cpu (then any worker runs it)."""
         return {} if self.device == "cpu" else dict(self.worker_resources)
 
-    def __hash__(self) -> int:  # storage_options, worker_resources are dicts: hash the rest
+    def __hash__(self) -> int:  # the dict fields (storage_options, ...) are left out
         return hash(
-            (
-                self.device,
-                self.scheduler_address,
-                self.workers,
-                self.batch_size,
-                self.lease_timeout,
-                self.break_lease,
-                self.connect_timeout_s,
-                self.worker_timeout_s,
-                self.storage_retries,
-                self.storage_backoff_s,
-                self.precision,
-                self.compile,
+            tuple(
+                v for v in (getattr(self, f.name) for f in fields(self)) if not isinstance(v, dict)
             )
         )
 

@@ -42,8 +42,9 @@ from stages.common import (
     to_device,
 )
 from stages.config import ConfigError, require
+from stages.execution import Staged
 from store import FLOAT_DTYPES
-from store.fs import absolute, check_reachable
+from store.fs import absolute
 
 Method = Literal["mapper", "global-direction"]
 NEUTRAL_BY_KIND = {"faces": "face", "cats": "cat", "shapes": "shape"}
@@ -575,10 +576,11 @@ def _recorded_clip_fingerprint(cfg: dict) -> str | None:
 
 
 @dataclass(frozen=True)
-class _EditTask:
+class _EditTask(Staged):
     """Edit one block of an edit's compute store: its row i is row `rows[i]` of the s and
-    clip stores (a Dask task on a cluster, the mapper loaded once per worker process;
-    in-process, `_edit_in_process` overlaps its read, edit and write steps)."""
+    clip stores. Staged (read / compute / write): a Dask task on a cluster, the mapper
+    loaded once per worker process; in-process run_blocks overlaps the steps of
+    successive blocks."""
 
     s_url: str
     c_url: str
@@ -595,27 +597,20 @@ class _EditTask:
     rows: np.ndarray | None = None  # [n_compute] rows of the s / clip stores
     precision: str = "fp32"  # execution.precision: the mapper's compute dtype
 
-    def __call__(self, block: int) -> Any:
-        out = self.open_out()
-        c_blk, s_blk = self.read(out, block)
-        return self.write(out, block, self.edit(c_blk, s_blk))
-
-    def open_out(self) -> Any:
+    def _open(self, url: str) -> Any:
         from store import RowStore
 
-        return RowStore.open(self.out_url, storage_options=self.storage_options)
+        return RowStore.open(url, storage_options=self.storage_options)
 
-    def read(self, out: Any, block: int) -> tuple[np.ndarray | None, np.ndarray]:
-        from store import RowStore
-
-        so = self.storage_options
-        idx = self.rows[out.block_rows(block)]
-        s_blk = RowStore.open(self.s_url, storage_options=so).read("s", rows=idx)
+    def read(self, block: int) -> tuple[np.ndarray | None, np.ndarray]:
+        idx = self.rows[self._open(self.out_url).block_rows(block)]
+        s_blk = self._open(self.s_url).read("s", rows=idx)
         if self.mapper_url is None:
             return None, s_blk
-        return RowStore.open(self.c_url, storage_options=so).read("embed", rows=idx), s_blk
+        return self._open(self.c_url).read("embed", rows=idx), s_blk
 
-    def edit(self, c_blk: np.ndarray | None, s_blk: np.ndarray) -> np.ndarray:
+    def compute(self, block: int, data: tuple[np.ndarray | None, np.ndarray]) -> np.ndarray:
+        c_blk, s_blk = data
         device = resolve_device(self.device)
         mapper = self.model
         if mapper is None and self.mapper_url is not None:
@@ -639,42 +634,15 @@ class _EditTask:
             self.precision,
         )
 
-    def write(self, out: Any, block: int, s_new: np.ndarray) -> Any:
+    def write(self, block: int, s_new: np.ndarray) -> Any:
         from stages.execution import BlockReport, counts_of, mark_non_finite
         from store import Status
 
         t0 = time.perf_counter()
         status = np.full(len(s_new), int(Status.OK), dtype=np.uint8)
         mark_non_finite(status, [s_new])  # a mapper's NaN is a row status
-        out.write_block(block, {"s": s_new}, status)
+        self._open(self.out_url).write_block(block, {"s": s_new}, status)
         return BlockReport(block, len(s_new), counts_of(status), (), time.perf_counter() - t0)
-
-
-def _edit_in_process(
-    task: _EditTask, out: Any, blocks: list[int], name: str, progress: bool
-) -> Any:
-    """The blocks of `task` in this process: the next block read and the previous one
-    written while the mapper runs (stages.execution.run_staged)."""
-    from tqdm import tqdm
-
-    from stages.execution import PassSummary, run_staged
-
-    summary = PassSummary(name, len(blocks))
-    bar = tqdm(total=len(blocks), desc=name, unit="block", disable=not progress)
-
-    def add(report: Any) -> None:
-        summary.add(report)
-        bar.update(1)
-
-    run_staged(
-        lambda b: task.read(out, b),
-        lambda b, data: task.edit(*data),
-        lambda b, s_new: task.write(out, b, s_new),
-        blocks,
-        add,
-    )
-    bar.close()
-    return summary
 
 
 def run(
@@ -718,7 +686,6 @@ def _edit(
     release_freed_memory()  # block-sized buffers come and go: give them back when freed
     device = resolve_device(execution.device)
     so = execution.storage()
-    check_reachable(cfg.out_dir, so)
     urls = dataset_urls(cfg.store)
     s_store = RowStore.open(urls["s"], storage_options=so)
     c_store = RowStore.open(urls["clip"], storage_options=so)
@@ -797,18 +764,15 @@ def _edit(
             """Edit the rows `todo` (new or changed since the last edit) into c_url."""
             c_out = RowStore.open(c_url, storage_options=so)
             blocks = c_out.pending_blocks()
-            block_task = replace(task, out_url=absolute(c_url), rows=todo)
-            if execution.scheduler_address:  # one task per block on the cluster
-                return run_blocks(
-                    block_task,
-                    blocks,
-                    execution,
-                    f"edit {name}",
-                    c_out.n_blocks,
-                    progress,
-                    resources=execution.model_resources(),
-                )
-            return _edit_in_process(block_task, c_out, blocks, f"edit {name}", progress)
+            return run_blocks(
+                replace(task, out_url=absolute(c_url), rows=todo),
+                blocks,
+                execution,
+                f"edit {name}",
+                c_out.n_blocks,
+                progress,
+                resources=execution.model_resources(),
+            )
 
         out, summary, counts = update_output(
             url,

@@ -49,7 +49,7 @@ from stages.execution import (
 from stages.incremental import UpdateCounts, store_summary, update_output
 from store import ArraySpec, RowStore, Status, StoreError, store_url
 from store import update as up
-from store.fs import absolute, check_reachable
+from store.fs import absolute
 from store.update import as_str
 
 if TYPE_CHECKING:  # torch and open_clip load only when a pass has rows to encode
@@ -429,7 +429,6 @@ def _encode_clip(
     reuse: Sequence[str],
 ) -> EncodeResult:
     so = execution.storage()
-    check_reachable(cfg.dataset, so)
     RowStore.open(store_url(cfg.dataset, "manifest"), require_complete=True, storage_options=so)
     inputs = model_inputs({"clip": clip_ref}, [clip_ref.weights])
     fresh = overwrite or reuse

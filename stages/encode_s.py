@@ -47,7 +47,6 @@ from stages.execution import (
     load_generator_ref,
 )
 from store import FLOAT_DTYPES, ArraySpec, RowStore, store_url
-from store.fs import check_reachable
 from store.rowstore import dtype_fingerprint
 
 if TYPE_CHECKING:  # torch loads only when a pass has rows to encode
@@ -183,7 +182,6 @@ def _encode_s(
     reuse: Sequence[str],
 ) -> EncodeResult:
     so = execution.storage()
-    check_reachable(cfg.dataset, so)
     RowStore.open(store_url(cfg.dataset, "manifest"), require_complete=True, storage_options=so)
     refs = {"generator": generator, "e4e": e4e}
     dtype = {} if cfg.dtype == "float32" else {"dtype": cfg.dtype}

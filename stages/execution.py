@@ -580,7 +580,8 @@ def hold_outputs(
     log: Callable[[str], None],
 ) -> Iterator[None]:
     """Hold the write lease (store.lease) of every output store of a pass while it runs: a
-    second pass on one of them refuses, naming this one; `log` gets takeover notes."""
+    second pass on one of them refuses, naming this one; `log` gets takeover notes. First
+    the one reachability check of the pass's outputs (the stages do not repeat it)."""
     from store import hold_lease
     from store.fs import check_reachable
 

@@ -307,7 +307,6 @@ def _ingest(
     manifest_url = store_url(cfg.out, "manifest")
     scan_url = store_url(cfg.out, SCAN_NAME)
     so = execution.storage()
-    storefs.check_reachable(cfg.out, so)
     reuse_stores = [up.open_reuse(u, "manifest", so) for u in reuse]
     for rs in reuse_stores:
         why = _manifest_difference(rs, cfg)
@@ -654,7 +653,6 @@ def _import_official(
     tag = Path(cfg.sspace).name
     notes: list[str] = []
     so = execution.storage()
-    storefs.check_reachable(cfg.out, so)
     how = (overwrite, restart_on_change, notes, so)
     rps = cfg.rows_per_shard
     common = {"stage": "import-official", "files": [Path(p).name for p in files]}

@@ -36,7 +36,7 @@ from model.layout import SLayout
 from stages.common import ClipRef, ExecutionConfig, GeneratorRef, autocast, resolve_device
 from stages.config import require
 from stages.execution import for_workers
-from store.fs import absolute, check_reachable
+from store.fs import absolute
 
 Method = Literal["finite-difference", "jacobian"]
 
@@ -324,7 +324,6 @@ def _relevance(
     clip_ref = clip_ref or ClipRef()
     device = resolve_device(execution.device)
     so = execution.storage()
-    check_reachable(cfg.out, so)
     s_store = RowStore.open(dataset_urls(cfg.store)["s"], storage_options=so)
     layout = SLayout.from_dict(s_store.attrs["layout"])
     ok = s_store.ok_rows()

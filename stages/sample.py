@@ -45,7 +45,7 @@ from stages.execution import (
     run_blocks,
 )
 from store import FLOAT_DTYPES, ArraySpec, RowStore, Status, store_url
-from store.fs import absolute, check_reachable
+from store.fs import absolute
 from store.rowstore import dtype_fingerprint
 
 
@@ -218,7 +218,6 @@ def _sample(
     ).hexdigest()
     m_attrs = {"stage": "sample", "fingerprint": m_fp, "root": "", "max_pixels": 0, **sample_attrs}
     so = execution.storage()
-    check_reachable(cfg.out, so)
     how = (overwrite, restart_on_change, notes, so)
     rps = cfg.rows_per_shard
     urls = tuple(store_url(cfg.out, name) for name in ("manifest", "clip", "s"))

@@ -716,6 +716,7 @@ def _run(
     from tqdm import tqdm
 
     from store import PairSampler, StoreError
+    from store.fs import exists as url_exists
 
     cfg.validate()
     execution = execution or ExecutionConfig()
@@ -727,10 +728,9 @@ def _run(
     data = open_dataset(cfg, so)
     conv = data.layout.mapper_layout(cfg.channels).conv_index()
     rows = trained_rows(data)
-    if not resume and not cfg.retrain:
-        if outs.out_url:  # a finished remote run is judged from its state, fetched
-            outs.fetch_for_resume()
-        kept = _kept_mapper(out, data, cfg, rows, state_path, outs.where(), log)
+    if not resume and not cfg.retrain and url_exists(outs.where(), so):
+        outs.fetch_for_resume()  # a finished run is judged from its state (local: in place)
+        kept = _kept_mapper(data, cfg, rows, state_path, outs.where(), log)
         if kept is not None:
             return kept
 
@@ -931,7 +931,6 @@ def trained_rows(data: Dataset) -> list[list[str]]:
 
 
 def _kept_mapper(
-    local_out: Path,
     data: Dataset,
     cfg: TrainConfig,
     rows: list[list[str]],
@@ -944,8 +943,6 @@ def _kept_mapper(
     changed since, if any (a stale mapper)."""
     meta_path = state_path.with_suffix(".json")
     if not (state_path.exists() and meta_path.exists()):
-        return None
-    if not (local_out.exists() or out != str(local_out)):
         return None
     try:
         saved = json.loads(meta_path.read_text())

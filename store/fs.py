@@ -480,15 +480,7 @@ def write_bytes_atomic(
     if not is_remote(url):
         _write_local_atomic(absolute(url), data)
         return
-    fs, path = filesystem(url, storage_options)
-    tmp = f"{parent(path)}/.{name(path)}.{uuid.uuid4().hex}.tmp"
-    try:
-        fs.pipe_file(tmp, data)
-        fs.copy(tmp, path)  # server-side: the final key appears whole
-    except BaseException:
-        _remove_quietly(fs, tmp)
-        raise
-    _remove_quietly(fs, tmp)
+    _upload_atomic(url, storage_options, lambda fs, tmp: fs.pipe_file(tmp, data))
 
 
 def write_text_atomic(url: str, text: str, storage_options: StorageOptions | None = None) -> None:
@@ -502,11 +494,19 @@ def put_file_atomic(local: str, url: str, storage_options: StorageOptions | None
         with open(local, "rb") as f:
             _write_local_atomic(absolute(url), f.read())
         return
+    _upload_atomic(url, storage_options, lambda fs, tmp: fs.put_file(local, tmp))
+
+
+def _upload_atomic(
+    url: str, storage_options: StorageOptions | None, upload: Callable[[Any, str], None]
+) -> None:
+    """Object storage: upload(fs, tmp) to a temp key beside `url`, then a server-side copy
+    to the final key (which appears whole), then the temp key deleted."""
     fs, path = filesystem(url, storage_options)
     tmp = f"{parent(path)}/.{name(path)}.{uuid.uuid4().hex}.tmp"
     try:
-        fs.put_file(local, tmp)
-        fs.copy(tmp, path)  # server-side: the final key appears whole
+        upload(fs, tmp)
+        fs.copy(tmp, path)
     except BaseException:
         _remove_quietly(fs, tmp)
         raise

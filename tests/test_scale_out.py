@@ -192,7 +192,7 @@ def test_pipeline_on_s3_and_a_cluster_equals_a_local_run(
 def test_a_worker_killed_mid_pass_the_pass_completes_equal(
     world, local_run, s3_server, dask_cluster, tmp_path
 ):
-    from stages.common import ClipRef, ExecutionConfig
+    from stages.common import ExecutionConfig
     from stages.encode_clip import EncodeClipConfig, run_encode_clip
     from stages.ingest import IngestConfig, run_ingest
 
@@ -203,11 +203,7 @@ def test_a_worker_killed_mid_pass_the_pass_completes_equal(
         device="cpu", scheduler_address=dask_cluster.address, storage_options=so, batch_size=8
     )
     run_ingest(IngestConfig(source=str(world), out=ds, rows_per_shard=8), ex, progress=False)
-    clip = ClipRef(
-        name="world-clip",
-        weights=str(ROOT / "weights/world/clip.safetensors"),
-        preprocessing="deltaedit",
-    )
+    clip = world_clip()
     result: dict = {}
     runner = threading.Thread(
         target=lambda: result.update(
@@ -238,22 +234,13 @@ def test_every_worker_gone_is_one_line_after_the_timeout_and_the_store_resumes(
 ):
     from servers import start_cluster
 
-    from stages.common import ClipRef, ExecutionConfig
+    from stages.common import ExecutionConfig
     from stages.encode_clip import EncodeClipConfig, _ClipTask, run_encode_clip
     from stages.execution import ClusterError
-    from stages.ingest import IngestConfig, run_ingest
 
     ds = str(tmp_path / "images")
-    run_ingest(
-        IngestConfig(source=str(world), out=ds, rows_per_shard=4),
-        ExecutionConfig(device="cpu"),
-        progress=False,
-    )
-    clip = ClipRef(
-        name="world-clip",
-        weights=str(ROOT / "weights/world/clip.safetensors"),
-        preprocessing="deltaedit",
-    )
+    ingest_world(world, ds, 4)
+    clip = world_clip()
     cluster = start_cluster(tmp_path, n_workers=1)
     try:
         ex = ExecutionConfig(
@@ -351,6 +338,17 @@ def assert_rows_equal(local: str, remote: str, options: dict) -> None:
         assert np.array_equal(a.read(name), b.read(name)), f"{remote}:{name}"
 
 
+def ingest_world(world: Path, ds: str, rows_per_shard: int, options: dict | None = None) -> None:
+    """The world folder ingested into `ds` by a local pass (the cluster tests encode it)."""
+    from stages.common import ExecutionConfig
+    from stages.ingest import IngestConfig, run_ingest
+
+    ex = ExecutionConfig(device="cpu", storage_options=options or {})
+    run_ingest(
+        IngestConfig(source=str(world), out=ds, rows_per_shard=rows_per_shard), ex, progress=False
+    )
+
+
 def world_clip() -> ClipRef:
     return ClipRef(
         name="world-clip",
@@ -369,7 +367,6 @@ def test_a_flaky_store_is_retried_and_the_pass_on_the_cluster_completes_equal(
 
     from stages.common import ExecutionConfig
     from stages.encode_clip import EncodeClipConfig, run_encode_clip
-    from stages.ingest import IngestConfig, run_ingest
 
     bucket = s3_server.make_bucket("flaky")
     proxy = FlakyProxy(s3_server.port, fail_rate=0.2, seed=14)
@@ -383,11 +380,8 @@ def test_a_flaky_store_is_retried_and_the_pass_on_the_cluster_completes_equal(
         storage_backoff_s=0.02,
     )
     ds = f"s3://{bucket}/images"
-    run_ingest(  # straight to the server: the faults are for the encoder pass
-        IngestConfig(source=str(world), out=ds, rows_per_shard=16),
-        ExecutionConfig(device="cpu", storage_options=s3_server.options),
-        progress=False,
-    )
+    # straight to the server: the faults are for the encoder pass
+    ingest_world(world, ds, 16, s3_server.options)
 
     def on_workers(n: int) -> int:  # nested and self-contained: sent by value
         import s3fs
@@ -422,16 +416,11 @@ def test_a_store_that_stops_answering_mid_pass_is_one_line_and_a_rerun_resumes(
 
     from stages.common import ExecutionConfig
     from stages.encode_clip import EncodeClipConfig, _ClipTask, run_encode_clip
-    from stages.ingest import IngestConfig, run_ingest
     from store import StoreError
 
     bucket = s3_server.make_bucket("outage")
     ds = f"s3://{bucket}/images"
-    run_ingest(
-        IngestConfig(source=str(world), out=ds, rows_per_shard=8),
-        ExecutionConfig(device="cpu", storage_options=s3_server.options),
-        progress=False,
-    )
+    ingest_world(world, ds, 8, s3_server.options)
     monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # only deltaedit's retries
     proxy = FlakyProxy(s3_server.port, fail_rate=0.0, seed=1)
     so = proxy.options(s3_server)
@@ -487,14 +476,9 @@ def test_model_tasks_asking_for_a_gpu_run_only_on_the_worker_that_has_one(
     from stages.common import ExecutionConfig
     from stages.encode_clip import EncodeClipConfig, run_encode_clip
     from stages.execution import ClusterError
-    from stages.ingest import IngestConfig, run_ingest
 
     ds = str(tmp_path / "images")
-    run_ingest(
-        IngestConfig(source=str(world), out=ds, rows_per_shard=16),
-        ExecutionConfig(device="cpu"),
-        progress=False,
-    )
+    ingest_world(world, ds, 16)
     ex = ExecutionConfig(
         device="auto",
         scheduler_address=dask_cluster.address,
@@ -534,15 +518,9 @@ def test_a_worker_missing_a_model_file_the_client_has_is_one_line_naming_both(
     import shutil
 
     import stages.encode_clip as encode_clip
-    from stages.common import ExecutionConfig
-    from stages.ingest import IngestConfig, run_ingest
 
     ds = str(tmp_path / "images")
-    run_ingest(
-        IngestConfig(source=str(world), out=ds, rows_per_shard=16),
-        ExecutionConfig(device="cpu"),
-        progress=False,
-    )
+    ingest_world(world, ds, 16)
     weights = tmp_path / "client-only" / "clip.safetensors"
     weights.parent.mkdir()
     for suffix in (".safetensors", ".json"):
