@@ -164,3 +164,44 @@ def test_sspace_report_on_the_committed_world_models():
     assert size["oracle_conv"]["target_reached"] >= 0.8  # size lives in conv channels
     assert set(size["levels"]) == {"coarse", "medium"}  # 32 px: no fine level
     assert size["channels_for_energy"]["50%"] <= size["channels_for_energy"]["95%"]
+
+
+def test_attribute_directions_are_not_confounded_by_co_occurring_attributes():
+    from stages.world.sspace import attribute_directions
+
+    rng = np.random.default_rng(0)
+    n, d = 600, 5
+    blue, large = rng.random(n) < 0.5, np.zeros(n, bool)
+    large[blue] = rng.random(blue.sum()) < 0.9  # blue rows are nearly always large
+    large[~blue] = rng.random((~blue).sum()) < 0.1
+    colour_dir, size_dir = np.eye(d)[0] * 2.0, np.eye(d)[1] * 3.0
+    s = blue[:, None] * colour_dir + large[:, None] * size_dir + 0.05 * rng.normal(size=(n, d))
+    reads = [
+        {
+            "shape": "circle",
+            "color": "blue" if b else "red",
+            "background": "white",
+            "size": "large" if g else "small",
+        }
+        for b, g in zip(blue, large, strict=True)
+    ]
+    dirs = attribute_directions(s.astype(np.float32), reads)
+    fitted = dirs["color"]["blue"] - dirs["color"]["red"]
+    naive = s[blue].mean(0) - s[~blue].mean(0)  # a class-mean difference carries size too
+    assert np.abs(naive[1]) > 1.5
+    np.testing.assert_allclose(fitted, colour_dir, atol=0.05)
+
+
+def test_sample_probe_finds_colour_in_the_gan_conv_channels_not_in_torgb():
+    from stages.world.sspace import FAMILIES, sample_probe
+
+    G = load_generator(
+        Path(__file__).resolve().parents[1] / "weights/world/gan/generator.safetensors"
+    )
+    rep = sample_probe(G.eval(), WORLD, n_fit=512, n_test=96, seed=0, alphas=(1.0,))
+    assert set(rep["families"]) == {f"{a}={v}" for a, v in FAMILIES}
+    colour = rep["families"]["color=blue"]
+    assert set(colour) >= {"conv", "torgb", "conv coarse", "conv medium", "conv_alpha"}
+    # the StyleGAN-way generator keeps colour in the conv styles DeltaEdit edits
+    assert colour["conv"]["target_reached"] > colour["torgb"]["target_reached"] + 0.2
+    assert colour["conv"]["energy_share"] > 0.5

@@ -119,3 +119,127 @@ def s_space_report(
         for a in ("shape", "color", "background", "size")
     }
     return out
+
+
+def _index(G: Any, kind: str, level: str | None = None) -> np.ndarray:
+    """Flat S indices of the layers of one kind (conv / torgb), optionally one level."""
+    return np.concatenate(
+        [
+            np.arange(la.offset, la.offset + la.channels)
+            for la in G.layout.layers
+            if la.kind == kind and (level is None or la.level == level)
+        ]
+        or [np.zeros(0, dtype=int)]
+    )
+
+
+@torch.no_grad()
+def sample_s(G: Any, n: int, seed: int) -> np.ndarray:
+    """s [n, D] of the generator's own samples: z ~ N(0, I) -> w -> S (no truncation)."""
+    z = torch.randn(n, G.config.in_dim, generator=torch.Generator().manual_seed(seed))
+    return G.w_to_s(G.wplus(G.mapping(z))).numpy()
+
+
+def attribute_directions(
+    s: np.ndarray, reads: list[dict[str, str]]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per attribute value, its S direction [D]: least squares of s on the one-hot readings
+    of all four attributes at once (an intercept + one column per value; `unclear` shapes
+    get a column of their own), so a value's direction is not confounded by the other
+    attributes it happens to co-occur with in the samples. Rows with an attribute the judge
+    could not read (`unknown`) are left out."""
+    from stages.world.judge import UNKNOWN
+
+    keep = [i for i, a in enumerate(reads) if UNKNOWN not in a.values()]
+    columns = [
+        (k, v)
+        for k in ("shape", "color", "background", "size")
+        for v in sorted({reads[i][k] for i in keep})
+    ]
+    X = np.zeros((len(keep), 1 + len(columns)), np.float64)
+    X[:, 0] = 1.0
+    for r, i in enumerate(keep):
+        for c, (k, v) in enumerate(columns):
+            X[r, 1 + c] = reads[i][k] == v
+    B = np.linalg.lstsq(X, s[keep].astype(np.float64), rcond=None)[0]  # [1 + C, D]
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for c, (k, v) in enumerate(columns):
+        out.setdefault(k, {})[v] = B[1 + c].astype(np.float32)
+    return out
+
+
+def sample_probe(
+    G: Any,
+    world: WorldConfig,
+    n_fit: int = 2048,
+    n_test: int = 256,
+    seed: int = 0,
+    alphas: tuple[float, ...] = (1.0, 1.5, 2.0),
+) -> dict[str, Any]:
+    """The S-space test on the generator's own samples, before any encoder exists.
+
+    The judge reads `n_fit` samples; `attribute_directions` fits each value's S direction.
+    A test sample (one of `n_test` others, clear, not already the target) is edited by
+    alpha * (direction of the target - direction of its own value): on the conv channels
+    only (as DeltaEdit edits), on each level's conv channels alone, and on the toRGB
+    channels alone; the edits are judged: target reached = the judge reads the target;
+    others kept = it reads every other attribute as it read the source. An unclear reading
+    fails both."""
+    from stages.world.judge import UNCLEAR, UNKNOWN
+
+    def reads(s: np.ndarray) -> list[dict[str, str]]:
+        return [r.attributes() for r in judge_images(render_s(G, s), world)]
+
+    def clear(a: dict[str, str]) -> bool:
+        return all(v not in (UNKNOWN, UNCLEAR) for v in a.values())
+
+    s_fit = sample_s(G, n_fit, seed)
+    s_test = sample_s(G, n_test, seed + 1)
+    fit_reads, test_reads = reads(s_fit), reads(s_test)
+    test_clear = np.array([clear(a) for a in test_reads])
+    directions = attribute_directions(s_fit, fit_reads)
+    where = {"conv": _index(G, "conv"), "torgb": _index(G, "torgb")}
+    for level in LEVELS:
+        if len(idx := _index(G, "conv", level)):
+            where[f"conv {level}"] = idx
+    out: dict[str, Any] = {
+        "n_fit": n_fit,
+        "n_test": n_test,
+        "clear_samples": round(float(test_clear.mean()), 3),
+        "families": {},
+    }
+
+    def judged(rows: np.ndarray, s: np.ndarray, attribute: str, value: str) -> dict[str, float]:
+        after = reads(s)
+        hit = [clear(a) and a[attribute] == value for a in after]
+        kept = [
+            clear(a) and all(a[k] == test_reads[i][k] for k in a if k != attribute)
+            for a, i in zip(after, rows, strict=True)
+        ]
+        return {
+            "target_reached": round(float(np.mean(hit)), 3),
+            "others_kept": round(float(np.mean(kept)), 3),
+        }
+
+    for attribute, value in FAMILIES:
+        dirs = directions.get(attribute, {})
+        rows = np.flatnonzero(test_clear & np.array([a[attribute] != value for a in test_reads]))
+        fam: dict[str, Any] = {"test_rows": int(len(rows))}
+        if value not in dirs or not len(rows):
+            fam["note"] = "no clear samples of this value to fit or to test"
+            out["families"][f"{attribute}={value}"] = fam
+            continue
+        delta = np.stack([dirs[value] - dirs[test_reads[i][attribute]] for i in rows])  # [n, D]
+        energy = (delta**2).sum()
+        for name, idx in where.items():
+            s = s_test[rows].copy()
+            s[:, idx] += delta[:, idx]
+            fam[name] = judged(rows, s, attribute, value)
+            fam[name]["energy_share"] = round(float((delta[:, idx] ** 2).sum() / energy), 3)
+        conv = where["conv"]
+        for alpha in alphas:
+            s = s_test[rows].copy()
+            s[:, conv] += alpha * delta[:, conv]
+            fam.setdefault("conv_alpha", {})[str(alpha)] = judged(rows, s, attribute, value)
+        out["families"][f"{attribute}={value}"] = fam
+    return out
