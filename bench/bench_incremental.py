@@ -17,6 +17,10 @@ run) is taken out in the second ratio:
     end to end   = update / from scratch
     fixed out    = (update - startup) / (from scratch - startup)
 
+and, per change, the seconds of each stage process of the update (where its time goes).
+Every model call runs on exactly execution.batch_size rows (padded, for bitwise-equal
+stores), so an update that computes k rows pays for ceil(k / batch_size) full batches.
+
 Presets:
     world     the shapes world (32 px renders, the committed world models), N = 4096
     encoders  ViT-B-32-size CLIP + 256 px config-f generator + IR-SE50 e4e at random
@@ -103,8 +107,11 @@ def encoder_params(device: str, weights: Path) -> dict:
     }
 
 
-def stages(src: Path, ds: Path, params: Path) -> tuple[float, dict[str, tuple[int, int]]]:
-    """ingest + encode-clip + encode-s as three CLI processes: (seconds, per-stage counts)."""
+def stages(
+    src: Path, ds: Path, params: Path, each: dict[str, float] | None = None
+) -> tuple[float, dict[str, tuple[int, int]]]:
+    """ingest + encode-clip + encode-s as three CLI processes: (seconds, per-stage counts);
+    `each` (when given) gets each stage's seconds."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     base = [sys.executable, "-m", "pipeline"]
     cmds = [
@@ -115,11 +122,14 @@ def stages(src: Path, ds: Path, params: Path) -> tuple[float, dict[str, tuple[in
     counts: dict[str, tuple[int, int]] = {}
     start = time.perf_counter()
     for cmd in cmds:
+        t_stage = time.perf_counter()
         proc = subprocess.run(
             [*cmd, "-q", "--params", str(params)], env=env, capture_output=True, text=True
         )
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(cmd[3:5])} failed:\n{proc.stdout}\n{proc.stderr}")
+        if each is not None:
+            each[cmd[3]] = time.perf_counter() - t_stage
         for stage, reused, computed in COUNTS.findall(proc.stdout):
             counts[stage] = (int(reused), int(computed))
     return time.perf_counter() - start, counts
@@ -210,10 +220,12 @@ def main() -> None:
             f"{'change':<8} {'update s':>9} {'scratch s':>10} {'end to end':>11} "
             f"{'fixed out':>10}  rows computed (ingest / clip / s)"
         )
+        per_stage: dict[str, dict[str, float]] = {}
         for name, src in scenarios.items():
             ds = tmp / f"ds-{name}"
             shutil.copytree(base_ds, ds)
-            t_update, counts = stages(src, ds, params_path)
+            per_stage[name] = {}
+            t_update, counts = stages(src, ds, params_path, per_stage[name])
             t_scratch, _ = stages(src, tmp / f"fresh-{name}", params_path)
             ratio = t_update / t_scratch
             net = (t_update - t_start) / max(t_scratch - t_start, 1e-9)
@@ -221,6 +233,9 @@ def main() -> None:
             print(
                 f"{name:<8} {t_update:>9.1f} {t_scratch:>10.1f} {ratio:>11.3f} {net:>10.3f}  {done}"
             )
+        print("where an update's time goes (seconds per stage process):")
+        for name, each in per_stage.items():
+            print(f"  {name:<8} " + ", ".join(f"{k} {v:.1f}" for k, v in each.items()))
 
 
 COUNTS_ORDER = ("ingest", "encode-clip", "encode-s")

@@ -804,14 +804,16 @@ def _edit(
     return results
 
 
-def row_keys(store: Any) -> np.ndarray:
-    """The rows' keys for reusing edits: the sha256 of each row's source bytes, or, for
-    stores without keys (sampled rows, imported latents), the row's position."""
+def row_keys(store: Any, rows: slice | None = None) -> np.ndarray:
+    """The rows' keys for reusing edits and renders: the sha256 of each row's source bytes,
+    or, for stores without keys (sampled rows, imported latents), the row's position.
+    `rows`: a slice of the rows (all when None)."""
     from store import update as up
 
+    sl = rows if rows is not None else slice(0, store.n_rows)
     if up.KEY in store.specs:
-        return up.as_str(store.read(up.KEY))
-    return np.array([f"row:{i}" for i in range(store.n_rows)], dtype=str)
+        return up.as_str(store.read(up.KEY, rows=sl))
+    return np.array([f"row:{i}" for i in range(*sl.indices(store.n_rows))], dtype=str)
 
 
 def conv_runs(layout: SLayout) -> list[tuple[slice, slice]]:

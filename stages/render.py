@@ -23,9 +23,11 @@ shapes world writes both files (`world evaluate`); any dataset's own labels can 
 
 from __future__ import annotations
 
+import hashlib
 import html
 import io
 import json
+import re
 import tarfile
 import time
 from collections.abc import Callable, Sequence
@@ -103,14 +105,22 @@ def render_s(
     noise_mode: str = "const",
     precision: str = "fp32",
 ) -> np.ndarray:
-    """Images uint8 [n, H, W, 3] for S codes [n, D] (`precision`: the synthesis dtype)."""
+    """Images uint8 [n, H, W, 3] for S codes [n, D] (`precision`: the synthesis dtype).
+
+    The generator always sees `batch_size` rows (the last batch padded with copies of its
+    last row), so a row's file is the same whichever rows share its batch: an incremental
+    render of a few new rows writes the bytes a from-scratch render writes."""
     import torch
 
     out = []
     with torch.no_grad(), autocast(device, precision):
         for i in range(0, len(s), batch_size):
-            sb = to_device(np.ascontiguousarray(s[i : i + batch_size], dtype=np.float32), device)
-            out.append(to_uint8(generator.synthesize(sb, noise_mode=noise_mode)))
+            part = np.asarray(s[i : i + batch_size], dtype=np.float32)
+            n = len(part)
+            if n < batch_size:  # every call on batch_size rows: a row's pixels never depend
+                part = np.concatenate([part, np.repeat(part[-1:], batch_size - n, axis=0)])
+            sb = to_device(np.ascontiguousarray(part), device)
+            out.append(to_uint8(generator.synthesize(sb, noise_mode=noise_mode))[:n])
     if not out:
         r = generator.resolution
         return np.zeros((0, r, r, 3), dtype=np.uint8)
@@ -400,15 +410,236 @@ def load_row_marks(url: str, storage_options: dict | None = None) -> RowMarks:
     return RowMarks(legend, edits)
 
 
+# --- what each rendered file was made from (incremental renders) --------------------
+
+
+RECORD_DIR = ".record"  # <out>/<name>/.record/block-<b>.json: {file name: recipe}
+MOVING_DIR = ".moving"  # copies of moved files on their way to their new names
+_ROW_NAME = re.compile(r"^(\d{8,})\.(png|jpg)$")
+_SHARD_NAME = re.compile(r"^shard-(\d{5,})\.tar$")
+
+
+def shard_file(block: int) -> str:
+    return f"shard-{block:05d}.tar"
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def render_recipe(producer: str, generator: str, cfg: RenderConfig, precision: str) -> str:
+    """What every file of one rendered folder shares: the producer of its rows (the edit's
+    fingerprint, or the s store's for the originals), the generator's fingerprint and the
+    settings that change the bytes. A change of any of them re-renders the whole folder."""
+    settings = {
+        "format": cfg.format,
+        "jpeg_quality": cfg.jpeg_quality if cfg.format == "jpeg" else None,
+        "noise_mode": cfg.noise_mode,
+        "precision": precision,
+        "shards": cfg.shards,
+    }
+    spec = {"producer": producer, "generator": generator, "settings": settings}
+    return _sha256(json.dumps(spec, sort_keys=True))
+
+
+def producer_of(store: Any) -> str:
+    """A store's producer fingerprint (its attrs' hash when it records none)."""
+    from store import update as up
+
+    if store.fingerprint:
+        return str(store.fingerprint)
+    return _sha256(json.dumps(up.producer_attrs(store.attrs), sort_keys=True, default=str))
+
+
+def folder_files(
+    rows: np.ndarray,
+    keys: np.ndarray,
+    recipe: str,
+    rows_per_shard: int,
+    shards: bool,
+    suffix: str,
+) -> dict[str, str]:
+    """{file name: what it is made from} for a folder holding `rows` (keys: their row keys):
+    per row (loose files) the recipe and the row's key; per tar, those of all its rows and
+    their positions (a tar is reused only if every row in it is unchanged at its index)."""
+    names = [row_file(int(r), suffix) for r in rows]
+    per_row = [_sha256(f"{recipe}/{k}") for k in keys.tolist()]
+    if not shards:
+        return dict(zip(names, per_row, strict=True))
+    out: dict[str, str] = {}
+    blocks = np.asarray(rows, dtype=np.int64) // rows_per_shard
+    for b in np.unique(blocks).tolist():
+        members = [f"{names[i]}={per_row[i]}" for i in np.flatnonzero(blocks == b).tolist()]
+        out[shard_file(int(b))] = _sha256("\n".join(members))
+    return out
+
+
+def file_block(name: str, rows_per_shard: int) -> int:
+    """The block whose record lists `name` (a row file or a tar shard)."""
+    m = _SHARD_NAME.match(name)
+    if m:
+        return int(m.group(1))
+    m = _ROW_NAME.match(name)
+    if m is None:
+        raise ValueError(f"{name} is not a rendered file name")
+    return int(m.group(1)) // rows_per_shard
+
+
+def _record_file(block: int) -> str:
+    return f"block-{block:05d}.json"
+
+
+def write_block_record(
+    folder: str, block: int, entries: dict[str, str], storage_options: dict | None = None
+) -> None:
+    """One block's record, atomically: call it only once the files it names are written."""
+    text = json.dumps({"files": dict(sorted(entries.items()))}, indent=0)
+    storefs.write_text_atomic(
+        storefs.join(folder, RECORD_DIR, _record_file(block)), text, storage_options
+    )
+
+
+@dataclass
+class FolderRecord:
+    """What each file of a rendered folder was made from, as `.record/` holds it: per
+    record file (one per block) its entries {file name: recipe}."""
+
+    folder: str
+    parts: dict[str, dict[str, str]]
+
+    @classmethod
+    def read(cls, folder: str, storage_options: dict | None = None) -> FolderRecord:
+        """The record on disk; an unreadable part counts as empty (its files re-render)."""
+        where = storefs.join(folder, RECORD_DIR)
+        parts: dict[str, dict[str, str]] = {}
+        for name in storefs.listdir(where, storage_options):
+            if not (name.startswith("block-") and name.endswith(".json")):
+                continue
+            try:
+                files = json.loads(storefs.read_text(storefs.join(where, name), storage_options))
+                parts[name] = {str(k): str(v) for k, v in files["files"].items()}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                parts[name] = {}
+        return cls(folder, parts)
+
+    def entries(self) -> dict[str, str]:
+        return {k: v for part in self.parts.values() for k, v in part.items()}
+
+    def save(
+        self, entries: dict[str, str], rows_per_shard: int, storage_options: dict | None = None
+    ) -> None:
+        """Make the record say `entries`: each changed block's file rewritten atomically,
+        the files of blocks without entries removed."""
+        grouped: dict[str, dict[str, str]] = {}
+        blocks: dict[str, int] = {}
+        for name, recipe in entries.items():
+            b = file_block(name, rows_per_shard)
+            blocks[_record_file(b)] = b
+            grouped.setdefault(_record_file(b), {})[name] = recipe
+        for fname, files in grouped.items():
+            if self.parts.get(fname) != files:
+                write_block_record(self.folder, blocks[fname], files, storage_options)
+                self.parts[fname] = files
+        for fname in [f for f in self.parts if f not in grouped]:
+            storefs.remove(storefs.join(self.folder, RECORD_DIR, fname), storage_options)
+            del self.parts[fname]
+
+
+@dataclass(frozen=True)
+class FolderPlan:
+    """What a rerun does to one rendered folder."""
+
+    todo: np.ndarray  # rows to render
+    blocks: list[int]  # the blocks holding them
+    kept: dict[str, str]  # files already right (name -> recipe)
+    moves: list[tuple[str, str]]  # (new name, an existing file of the same recipe)
+    removed: list[str]  # rendered files no longer wanted
+    kept_rows: int  # rows whose file (or tar) is kept
+    valid: dict[str, str]  # the record's entries whose file is present
+
+
+def plan_folder(
+    want: dict[str, str],
+    have: dict[str, str],
+    present: set[str],
+    rows: np.ndarray,
+    rows_per_shard: int,
+    shards: bool,
+    suffix: str,
+) -> FolderPlan:
+    """Compare the files wanted with those the record names (and that are present)."""
+    have = {n: r for n, r in have.items() if n in present}
+    kept = {n: r for n, r in want.items() if have.get(n) == r}
+    by_recipe: dict[str, str] = {}
+    for name, recipe in sorted(have.items()):
+        by_recipe.setdefault(recipe, name)
+    moves: list[tuple[str, str]] = []
+    if not shards:  # a tar is right only at its own index: never moved
+        moves = [(n, by_recipe[r]) for n, r in want.items() if n not in kept and r in by_recipe]
+    done = set(kept) | {n for n, _ in moves}
+    if shards:
+        todo = np.array([r for r in rows.tolist() if shard_file(r // rows_per_shard) not in done])
+    else:
+        todo = np.array([r for r in rows.tolist() if row_file(r, suffix) not in done])
+    todo = todo.astype(np.int64)
+    ours = {n for n in present if _ROW_NAME.match(n) or _SHARD_NAME.match(n)}
+    kept_rows = len(rows) - len(todo) - len(moves)
+    return FolderPlan(
+        todo,
+        np.unique(todo // rows_per_shard).tolist(),
+        kept,
+        moves,
+        sorted(ours - set(want)),
+        kept_rows,
+        have,
+    )
+
+
+def prepare_folder(
+    plan: FolderPlan,
+    record: FolderRecord,
+    want: dict[str, str],
+    rows_per_shard: int,
+    storage_options: dict | None = None,
+) -> None:
+    """Before rendering: moved rows' files copied to their new names, files of rows no
+    longer present removed, the record saying only what is on disk at every step (a
+    killed render, rerun, never trusts a file the record does not match)."""
+    so = storage_options
+    d = record.folder
+    moving = storefs.join(d, MOVING_DIR)
+    storefs.remove(moving, so)  # left by a killed render
+    for new, old in plan.moves:
+        storefs.copy_file(storefs.join(d, old), storefs.join(moving, new), so)
+    # names about to be written lose their claim first; removed files keep theirs until gone
+    keep = {n: r for n, r in plan.valid.items() if n in plan.kept or n not in want}
+    record.save(keep, rows_per_shard, so)
+    for new, _ in plan.moves:
+        storefs.move_file(storefs.join(moving, new), storefs.join(d, new), so)
+    ready = {**plan.kept, **{new: want[new] for new, _ in plan.moves}}
+    record.save(ready, rows_per_shard, so)
+    for name in plan.removed:
+        storefs.remove(storefs.join(d, name), so)
+    storefs.remove(moving, so)
+
+
 # --- stage --------------------------------------------------------------------------
 
 
 @dataclass
 class RenderResult:
+    """One rendered folder: `n_images` files (rows) it holds, of which `rendered` were
+    rendered by this run, `kept` were already right and `moved` were copied from the file
+    of the same row at its old index; `removed`: files of rows no longer there."""
+
     name: str
     n_images: int
     seconds: float
     sheet: str | None
+    rendered: int = 0
+    kept: int = 0
+    moved: int = 0
+    removed: int = 0
 
 
 def discover_edits(edits_dir: str, storage_options: dict | None = None) -> list[str]:
@@ -462,15 +693,18 @@ def _read_bounded(
 
 @dataclass(frozen=True)
 class _RenderTask(Staged):
-    """Render the rows of one shard-aligned block of one store and write their files
-    straight to `out_dir` (a Dask task: the image bytes never travel back).
+    """Render the rows `todo` of one shard-aligned block of one store, write their files
+    straight to `out_dir` (a Dask task: the image bytes never travel back), then the
+    block's record: what each wanted file of the block (`rows`) is made from.
 
-    Rendered rows: ok in `store_url` (and in `source_url`, the dataset an edit was made
-    from, when set) and <= `last_row`."""
+    The client decides what to render (it sees the whole folder, so it can move a row's
+    file to its new index, which no block task could); the task only renders and records.
+    With shards, `todo` holds every row of a block whose tar is rewritten."""
 
     store_url: str
-    source_url: str | None
-    last_row: int
+    rows: np.ndarray  # every row the folder holds, sorted
+    todo: np.ndarray  # the rows to render now, sorted (a subset of rows)
+    recipe: str  # render_recipe of the folder
     out_dir: str  # <render.out_dir>/<name>: absolute path or URL
     generator: GeneratorRef
     device: str  # as configured ('auto' resolves on the worker)
@@ -484,40 +718,39 @@ class _RenderTask(Staged):
     precision: str = "fp32"  # execution.precision: the synthesis dtype
     compile: bool = False  # execution.compile: synthesis through torch.compile
 
-    def read(self, block: int) -> tuple[float, np.ndarray, np.ndarray | None]:
-        """(start, the block's rows to render, their S codes)."""
-        from store import RowStore, Status
+    def read(self, block: int) -> tuple[float, np.ndarray, np.ndarray | None, dict[str, str]]:
+        """(start, the block's rows to render, their S codes, the block's record)."""
+        from stages.edit import row_keys
+        from store import RowStore
 
         t0 = time.perf_counter()
-        so = self.storage_options
-        st = RowStore.open(self.store_url, storage_options=so)
+        st = RowStore.open(self.store_url, storage_options=self.storage_options)
         sl = st.block_rows(block)
-        ok = np.asarray(st.array("status")[sl]) == int(Status.OK)
-        if self.source_url is not None:
-            src = RowStore.open(self.source_url, storage_options=so)
-            ok &= np.asarray(src.array("status")[sl]) == int(Status.OK)
-        rows = np.arange(sl.start, sl.stop)[ok]
-        rows = rows[rows <= self.last_row]
+        in_block = lambda a: a[np.searchsorted(a, sl.start) : np.searchsorted(a, sl.stop)]  # noqa: E731
+        rows, wanted = in_block(self.todo), in_block(self.rows)
+        keys = row_keys(st, sl)[wanted - sl.start]
+        suffix = ".png" if self.fmt == "png" else ".jpg"
+        record = folder_files(wanted, keys, self.recipe, st.rows_per_shard, self.shards, suffix)
         s = st.read("s", rows=sl)[rows - sl.start] if len(rows) else None
-        return t0, rows, s
+        return t0, rows, s, record
 
-    def compute(self, block: int, data: tuple) -> tuple[float, np.ndarray, np.ndarray | None]:
+    def compute(self, block: int, data: tuple) -> tuple:
         from stages.execution import compiled_generator, load_generator_ref
 
-        t0, rows, s = data
+        t0, rows, s, record = data
         if not len(rows):
-            return t0, rows, None
+            return t0, rows, None, record
         device = resolve_device(self.device)
         G = self.model if self.model is not None else load_generator_ref(self.generator, device)
         if self.compile:
             G = compiled_generator(G, device)
         imgs = render_s(G, s, self.batch_size, device, self.noise_mode, self.precision)
-        return t0, rows, imgs
+        return t0, rows, imgs, record
 
     def write(self, block: int, result: tuple) -> Any:
         from stages.execution import BlockReport
 
-        t0, rows, imgs = result
+        t0, rows, imgs, record = result
         so = self.storage_options
         if len(rows):
             suffix = ".png" if self.fmt == "png" else ".jpg"
@@ -526,13 +759,80 @@ class _RenderTask(Staged):
                 for r, im in zip(rows, imgs, strict=True)
             ]
             if self.shards:
-                shard = storefs.join(self.out_dir, f"shard-{block:05d}.tar")
+                shard = storefs.join(self.out_dir, shard_file(block))
                 storefs.write_bytes_atomic(shard, tar_bytes(files), so)
             else:
                 for fname, data in files:
                     storefs.write_bytes(storefs.join(self.out_dir, fname), data, so)
+        write_block_record(self.out_dir, block, record, so)  # only now: its files are there
         n = len(rows)
         return BlockReport(block, n, {"OK": n}, (), time.perf_counter() - t0)
+
+
+def _render_folder(
+    cfg: RenderConfig,
+    name: str,
+    st: Any,
+    rows: np.ndarray,
+    d: str,
+    generator: Any,
+    generator_ref: GeneratorRef,
+    model: Any,
+    execution: ExecutionConfig,
+    progress: bool,
+) -> RenderResult:
+    """Bring the folder `d` to the files of `rows` of the store `st`: files whose record
+    matches kept, rows moved to another index copied, the rest rendered block-wise."""
+    from stages.edit import row_keys
+    from stages.execution import for_workers, run_blocks
+
+    so = execution.storage()
+    storefs.makedirs(d, so)
+    recipe = render_recipe(producer_of(st), generator.fingerprint, cfg, execution.precision)
+    rps = st.rows_per_shard
+    keys = row_keys(st)[rows]
+    want = folder_files(rows, keys, recipe, rps, cfg.shards, cfg.suffix)
+    record = FolderRecord.read(d, so)
+    present = set(storefs.listdir(d, so))
+    plan = plan_folder(want, record.entries(), present, rows, rps, cfg.shards, cfg.suffix)
+    prepare_folder(plan, record, want, rps, so)
+    task = _RenderTask(
+        storefs.absolute(st.url),
+        np.asarray(rows, dtype=np.int64),
+        plan.todo,
+        recipe,
+        storefs.absolute(d),
+        for_workers(generator_ref),
+        execution.device,
+        execution.batch_size,
+        cfg.format,
+        cfg.jpeg_quality,
+        cfg.shards,
+        cfg.noise_mode,
+        dict(so),
+        model,
+        execution.precision,
+        execution.compile,
+    )
+    run_blocks(
+        task,
+        plan.blocks,
+        execution,
+        f"render {name}",
+        st.n_blocks,
+        progress=progress,
+        resources=execution.model_resources(),
+    )
+    return RenderResult(
+        name,
+        len(rows),
+        0.0,
+        None,
+        rendered=len(plan.todo),
+        kept=plan.kept_rows,
+        moved=len(plan.moves),
+        removed=len(plan.removed),
+    )
 
 
 def run(
@@ -552,7 +852,7 @@ def run(
     sheets, the gallery's sample images and index.html are written once at the end."""
     from model.layout import SLayout
     from stages.edit import dataset_urls
-    from stages.execution import for_workers, load_generator_ref, run_blocks
+    from stages.execution import load_generator_ref
     from store import RowStore
 
     execution = execution or ExecutionConfig()
@@ -615,37 +915,11 @@ def run(
         t0 = time.perf_counter()
         rows = rows_of[name]
         d = storefs.join(out, name)
-        n_done = len(rows)
-        if name not in gallery_only and len(rows):
-            storefs.makedirs(d, so)
-            task = _RenderTask(
-                storefs.absolute(st.url),
-                storefs.absolute(src.url) if name != ORIGINALS else None,
-                int(rows[-1]),
-                storefs.absolute(d),
-                for_workers(generator_ref),
-                execution.device,
-                execution.batch_size,
-                cfg.format,
-                cfg.jpeg_quality,
-                cfg.shards,
-                cfg.noise_mode,
-                dict(so),
-                model,
-                execution.precision,
-                execution.compile,
+        res = RenderResult(name, len(rows), 0.0, None, rendered=len(rows))
+        if name not in gallery_only:
+            res = _render_folder(
+                cfg, name, st, rows, d, generator, generator_ref, model, execution, progress
             )
-            blocks = np.unique(rows // st.rows_per_shard).tolist()
-            summary = run_blocks(
-                task,
-                blocks,
-                execution,
-                f"render {name}",
-                st.n_blocks,
-                progress=progress,
-                resources=execution.model_resources(),
-            )
-            n_done = summary.rows
         # the sample the sheets and the gallery show, rendered once more here (few rows)
         picked = shown[np.isin(shown, rows)]
         imgs = render_s(
@@ -659,18 +933,21 @@ def run(
         keep = {int(r): im for r, im in zip(picked, imgs, strict=True)}
         if name in in_gallery:
             g = storefs.join(out, "gallery", name)
+            storefs.remove(g, so)  # the gallery is made afresh every run
             for r, im in keep.items():
                 data = encode_image(im, cfg.format, cfg.jpeg_quality)
                 storefs.write_bytes(storefs.join(g, row_file(r, cfg.suffix)), data, so)
         shown_imgs[name] = keep
-        dt = time.perf_counter() - t0
+        res.seconds = time.perf_counter() - t0
         where = storefs.join(out, "gallery", name) if name in gallery_only else d
         log(
-            f"render {name}: {n_done} images, {st.n_rows - n_done} rows not rendered (not ok, "
-            f"not edited, or past render.max_rows), {n_done / max(dt, 1e-9):.1f} img/s -> "
-            f"{where}"
+            f"render {name}: {res.n_images} images (rendered {res.rendered}, reused "
+            f"{res.kept + res.moved}: kept {res.kept}, moved {res.moved}), removed "
+            f"{res.removed} files, {st.n_rows - res.n_images} rows not rendered (not ok, not "
+            f"edited, or past render.max_rows), {res.rendered / max(res.seconds, 1e-9):.1f} "
+            f"img/s -> {where}"
         )
-        results.append(RenderResult(name, n_done, dt, None))
+        results.append(res)
 
     # --- sheets and gallery ---
     sheets = storefs.join(out, "sheets")
@@ -691,6 +968,7 @@ def run(
         mark = {r: marks_of.get(i, "") for r, i in row_id.items()}
         sheet_rows = [int(r) for r in shown[: cfg.sheet_rows]]
         extra_imgs = None
+        storefs.remove(storefs.join(extras_dir, name), so)  # made afresh every run
         if name != ORIGINALS and (extra is not None or cfg.extra_dir):
             extra_imgs = [_extra_image(cfg, extra, name, r, so) for r in shown]
         if name != ORIGINALS and before_name is not None:

@@ -41,6 +41,7 @@ import functools
 import http.client
 import os
 import random
+import shutil
 import tempfile
 import time
 import uuid
@@ -511,6 +512,39 @@ def _upload_atomic(
         _remove_quietly(fs, tmp)
         raise
     _remove_quietly(fs, tmp)
+
+
+def _file_pair(
+    src: str, dst: str, storage_options: StorageOptions | None
+) -> tuple[Any | None, str, str]:
+    """(None, local src, local dst) with dst's folder made, or (fsspec fs, its src and dst
+    paths) on object storage: the two names of a copy or a move within one filesystem."""
+    src, dst = str(src), str(dst)
+    if not is_remote(dst):
+        os.makedirs(os.path.dirname(absolute(dst)) or ".", exist_ok=True)
+        return None, absolute(src), absolute(dst)
+    fs, path = filesystem(src, storage_options)
+    return fs, path, filesystem(dst, storage_options)[1]
+
+
+def copy_file(src: str, dst: str, storage_options: StorageOptions | None = None) -> None:
+    """Copy one file to another name (a server-side copy on object storage)."""
+    fs, a, b = _file_pair(src, dst, storage_options)
+    if fs is None:
+        shutil.copyfile(a, b)
+    else:
+        fs.copy(a, b)
+
+
+def move_file(src: str, dst: str, storage_options: StorageOptions | None = None) -> None:
+    """Give a file another name: locally an atomic rename over `dst`; on object storage a
+    copy (which appears whole), then the source deleted."""
+    fs, a, b = _file_pair(src, dst, storage_options)
+    if fs is None:
+        os.replace(a, b)
+    else:
+        fs.copy(a, b)
+        fs.rm_file(a)
 
 
 def remove(url: str, storage_options: StorageOptions | None = None) -> None:

@@ -297,23 +297,45 @@ def test_sigkill_mid_update_then_rerun_ends_in_the_same_state(tmp_path, where):
     assert not any(p.name.endswith((".next", ".prev", ".compute")) for p in ds.iterdir())
 
 
-def test_edit_after_rows_were_added_computes_only_the_new_rows(tmp_path, monkeypatch):
+def save_mapper_for(tmp_path: Path):
+    """A random-weight mapper for the default tiny generator and CLIP: (path, clip)."""
     from model.clip import load_clip
     from model.mapper import DeltaMapper, save_mapper
     from model.stylegan2 import create_generator
+
+    G, clip = create_generator("tiny-64", seed=0), load_clip("deltaedit-tiny", seed=0)
+    torch.manual_seed(0)
+    path = tmp_path / "mapper.safetensors"
+    save_mapper(
+        DeltaMapper(G.layout, clip.embed_dim), path, extra={"clip_fingerprint": clip.fingerprint}
+    )
+    return path, clip
+
+
+def edit_smile(store: Path, out: Path, mapper: Path, clip) -> list[str]:
+    """The edit stage's 'smile' edit of `store` into `out`: its printed lines."""
     from stages import edit as edit_stage
     from stages.edit import EditConfig, EditSpec
+
+    lines: list[str] = []
+    cfg = EditConfig(
+        store=str(store),
+        mapper=str(mapper),
+        out_dir=str(out),
+        dataset_kind="faces",
+        edits=(EditSpec("smile", "smiling face", alpha=1.0, beta=0.0),),
+    )
+    edit_stage.run(cfg, EXEC, clip=clip, progress=False, log=lines.append)
+    return lines
+
+
+def test_edit_after_rows_were_added_computes_only_the_new_rows(tmp_path, monkeypatch):
+    from stages import edit as edit_stage
 
     src = make_folder(tmp_path)
     ds = tmp_path / "ds"
     run_all(src, ds)
-    G, clip = create_generator("tiny-64", seed=0), load_clip("deltaedit-tiny", seed=0)
-    torch.manual_seed(0)
-    save_mapper(
-        DeltaMapper(G.layout, clip.embed_dim),
-        tmp_path / "mapper.safetensors",
-        extra={"clip_fingerprint": clip.fingerprint},
-    )
+    mapper, clip = save_mapper_for(tmp_path)
     seen: list[int] = []
     real = edit_stage.edit_rows
 
@@ -322,33 +344,178 @@ def test_edit_after_rows_were_added_computes_only_the_new_rows(tmp_path, monkeyp
         return real(s, *args, **kwargs)
 
     monkeypatch.setattr(edit_stage, "edit_rows", spy)
-
-    def run_edit(store: Path, out: Path) -> list[str]:
-        lines: list[str] = []
-        cfg = EditConfig(
-            store=str(store),
-            mapper=str(tmp_path / "mapper.safetensors"),
-            out_dir=str(out),
-            dataset_kind="faces",
-            edits=(EditSpec("smile", "smiling face", alpha=1.0, beta=0.0),),
-        )
-        edit_stage.run(cfg, EXEC, clip=clip, progress=False, log=lines.append)
-        return lines
-
-    run_edit(ds, tmp_path / "edits")
+    edit_smile(ds, tmp_path / "edits", mapper, clip)
     assert sum(seen) == N
     change_folder(src)
     run_all(src, ds)
     seen.clear()
-    lines = run_edit(ds, tmp_path / "edits")
+    lines = edit_smile(ds, tmp_path / "edits", mapper, clip)
     assert sum(seen) == 2, lines  # the new and the changed file only
     assert f"edit smile: rows reused {N - 2}, computed 2, dropped 2" in lines
     fresh = tmp_path / "fresh"
     run_all(src, fresh)
-    run_edit(fresh, tmp_path / "fresh_edits")
+    edit_smile(fresh, tmp_path / "fresh_edits", mapper, clip)
     a = snapshot(tmp_path / "edits" / "smile.zarr")
     b = snapshot(tmp_path / "fresh_edits" / "smile.zarr")
     assert a["s"] == b["s"] and a["status"] == b["status"] and a["sha256"] == b["sha256"]
+
+
+# --- render follows: only new or changed rows are rendered ------------------------------
+
+
+def render(ds: Path, edits: Path, out: Path, execution: ExecutionConfig = EXEC, **kw):
+    """The render stage over `ds` and its edits into `out`: ({folder: RenderResult}, lines)."""
+    from stages.render import RenderConfig
+    from stages.render import run as run_render
+
+    lines: list[str] = []
+    cfg = RenderConfig(
+        edits_dir=str(edits),
+        store=str(ds),
+        out_dir=str(out),
+        sheet_rows=3,
+        gallery_rows=4,
+        sheet_tile=32,
+        **kw,
+    )
+    res = run_render(cfg, GeneratorRef(), execution, progress=False, log=lines.append)
+    return {r.name: r for r in res}, lines
+
+
+def tree(out: Path) -> dict[str, bytes]:
+    """Every file under `out` (the record included): relative path -> bytes."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def stats(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.glob("*.png")}
+
+
+def counts(r) -> tuple[int, int, int, int, int]:
+    return r.n_images, r.rendered, r.kept, r.moved, r.removed
+
+
+def test_render_after_rows_were_added_renders_only_the_new_rows(tmp_path):
+    src = make_folder(tmp_path)
+    ds, edits, out = tmp_path / "ds", tmp_path / "edits", tmp_path / "render"
+    run_all(src, ds)
+    mapper, clip = save_mapper_for(tmp_path)
+    edit_smile(ds, edits, mapper, clip)
+    first, _ = render(ds, edits, out)
+    assert {n: counts(r) for n, r in first.items()} == {
+        "originals": (N, N, 0, 0, 0),
+        "smile": (N, N, 0, 0, 0),
+    }
+    before = {n: stats(out / n) for n in first}
+
+    # two files added at the end of the sorted folder: two rows rendered, the rest untouched
+    _image(src / "zz_a.png", 300)
+    _image(src / "zz_b.png", 301)
+    run_all(src, ds)
+    edit_smile(ds, edits, mapper, clip)
+    grown, lines = render(ds, edits, out)
+    for name in ("originals", "smile"):
+        assert counts(grown[name]) == (N + 2, 2, N, 0, 0), name
+        now = stats(out / name)
+        assert {k: now[k] for k in before[name]} == before[name]  # same inode, same mtime
+    assert any("rendered 2, reused 12: kept 12, moved 0), removed 0 files" in ln for ln in lines)
+    render(ds, edits, tmp_path / "scratch-1")  # the same stores, an empty folder
+    assert tree(out) == tree(tmp_path / "scratch-1")
+
+    # +1 -2 files, one changed, one renamed: rows shift, their files follow them
+    change_folder(src)  # new.png, img03 removed, img05 changed, img07 -> zz_renamed.png
+    (src / "img10.png").unlink()
+    run_all(src, ds)
+    edit_smile(ds, edits, mapper, clip)
+    changed, _ = render(ds, edits, out)
+    # rows: img00-02 kept; img04 img06 img08 img09 img11 zz_renamed zz_a zz_b moved down;
+    # img05 (new bytes) and new.png rendered; the last index's file removed
+    for name in ("originals", "smile"):
+        assert counts(changed[name]) == (N + 1, 2, 3, 8, 1), name
+    assert not (out / "smile" / "00000013.png").exists()
+    assert not (out / "smile" / ".moving").exists()
+    scratch = tmp_path / "scratch-2"
+    render(ds, edits, scratch)
+    assert tree(out) == tree(scratch)
+
+    # another format: every file rendered again, the old ones removed
+    jpeg, _ = render(ds, edits, out, format="jpeg")
+    assert counts(jpeg["smile"]) == (N + 1, N + 1, 0, 0, N + 1)
+    assert (
+        not list((out / "smile").glob("*.png"))
+        and len(list((out / "smile").glob("*.jpg"))) == N + 1
+    )
+    again, _ = render(ds, edits, out, format="jpeg")
+    assert counts(again["smile"]) == (N + 1, 0, N + 1, 0, 0)
+
+
+@pytest.mark.parametrize("shards", [False, True])
+@pytest.mark.parametrize("where", ["render", "move"])
+def test_render_killed_mid_way_then_rerun_equals_a_render_from_scratch(
+    tmp_path, monkeypatch, where, shards
+):
+    from store import fs as storefs
+
+    src = make_folder(tmp_path)
+    ds, edits, out = tmp_path / "ds", tmp_path / "edits", tmp_path / "render"
+    run_all(src, ds)
+    mapper, clip = save_mapper_for(tmp_path)
+    edit_smile(ds, edits, mapper, clip)
+    one = ExecutionConfig(workers=1, batch_size=4)  # blocks one after another
+    if where == "move":
+        render(ds, edits, out, shards=shards, execution=one)
+        (src / "img00.png").unlink()  # every later row moves down one index
+        _image(src / "zz_new.png", 500)
+        run_all(src, ds)
+        edit_smile(ds, edits, mapper, clip)
+    # the 6th write of an image (loose), of a tar or record (shards), or the 6th move
+    name = "write_bytes_atomic" if shards else {"render": "write_bytes", "move": "move_file"}[where]
+    real = getattr(storefs, name)
+    calls = []
+
+    def dying(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 6:
+            if name == "write_bytes":  # killed half-way through the file
+                real(args[0], args[1][: len(args[1]) // 2], *args[2:], **kwargs)
+            raise OSError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(storefs, name, dying)
+    with pytest.raises(OSError, match="killed"):
+        render(ds, edits, out, shards=shards, execution=one)
+    monkeypatch.setattr(storefs, name, real)
+    rerun, _ = render(ds, edits, out, shards=shards, execution=one)
+    if where == "render":
+        assert 0 < rerun["originals"].rendered < N  # the blocks the killed run finished stay
+    render(ds, edits, tmp_path / "scratch", shards=shards, execution=one)
+    assert tree(out) == tree(tmp_path / "scratch")
+
+
+def test_render_to_s3_through_a_cluster_moves_the_files_there(tmp_path, s3_server, dask_cluster):
+    """Render's files on object storage, its blocks on `dask worker` processes: the rows
+    that moved are copied there, the removed row's file deleted, the rest kept."""
+    from test_scale_out import files_under
+
+    src = make_folder(tmp_path)
+    ds, edits = tmp_path / "ds", tmp_path / "edits"
+    run_all(src, ds)
+    mapper, clip = save_mapper_for(tmp_path)
+    edit_smile(ds, edits, mapper, clip)
+    so = s3_server.options
+    root = f"s3://{s3_server.make_bucket('render-incremental')}/out"
+    cluster = ExecutionConfig(
+        batch_size=4, scheduler_address=dask_cluster.address, storage_options=so
+    )
+    first, _ = render(ds, edits, root, execution=cluster)
+    assert counts(first["smile"]) == (N, N, 0, 0, 0)
+    (src / "img00.png").unlink()  # every other row moves down one index
+    run_all(src, ds)
+    edit_smile(ds, edits, mapper, clip)
+    moved, _ = render(ds, edits, root, execution=cluster)
+    assert counts(moved["smile"]) == (N - 1, 0, 0, N - 1, 1)
+    render(ds, edits, tmp_path / "scratch")  # local disk, in this process
+    assert files_under(root, so) == tree(tmp_path / "scratch")
 
 
 def test_train_says_the_mapper_is_stale_and_retrains_only_when_asked(tmp_path):
