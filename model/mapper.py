@@ -43,11 +43,11 @@ each parameter's lr is multiplied by g and eps divided by g: see `param_groups`.
 The forward computes the official function with less work (equal to it up to float
 rounding): the condition modules' PixelNorm of cond is computed once for the three levels;
 in fp32 inference on a CPU every layer is one fused oneDNN call (matmul + bias + leaky
-ReLU, `fused_cpu_linear`); elsewhere (training, bf16) the fusion module's first layer never
-builds [sm(s) || cm(cond)]: with W = [W_s | W_c] it is one matmul of sm(s) by W_s
+ReLU, `fused_cpu_linear`); in other inference (bf16, GPUs) the fusion module's first layer
+never builds [sm(s) || cm(cond)]: with W = [W_s | W_c] it is one matmul of sm(s) by W_s
 accumulating the product of cm(cond) by W_c (`EqualLinear.forward_joined`); in the
 per-layer form that product is [B, C], computed once per row instead of on each of the L
-layers of the repeated cm(cond).
+layers of the repeated cm(cond). Training (autograd) runs F.linear on the concatenation.
 """
 
 from __future__ import annotations
@@ -152,8 +152,11 @@ class EqualLinear(nn.Module):
         """forward(cat([a, c], -1)) without building the concatenation: W = [W_a | W_c],
         out = lrelu(a @ W_a.T + b + c @ W_c.T). a [B, k] with c [B, in - k], or a [B, L, k]
         with c [B, in - k] standing for the same c on each of the L rows (computed once per
-        row instead of L times). What the fusion module's first layer sees."""
-        if fused_cpu_linear(a):  # one fused call on the whole (contiguous) weight
+        row instead of L times). What the fusion module's first layer sees; the split form
+        runs in inference off the oneDNN path (bf16, GPUs)."""
+        # the concatenation: for the fused oneDNN call (one call on the whole contiguous
+        # weight) and under autograd (the weight slices' backward costs more than it saves)
+        if fused_cpu_linear(a) or torch.is_grad_enabled():
             if a.dim() == 3:
                 c = c.unsqueeze(1).expand(*a.shape[:2], c.shape[-1])
             return self.forward(torch.cat([a, c], dim=-1))
