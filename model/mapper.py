@@ -118,10 +118,17 @@ def fused_cpu_linear(x: torch.Tensor) -> bool:
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and not torch.is_grad_enabled()
-        and not torch.is_autocast_enabled("cpu")
+        and not _cpu_autocast()
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
+
+
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled()
 
 
 class EqualLinear(nn.Module):
