@@ -5,9 +5,10 @@ time; the 2-core machine is shared, CPU time is what our threads got):
 
 A. Mapper inference, official-size Delta Mapper (1024 config-f layout, E = 512, random
    weights), batch --batch rows, one prompt (`stages.edit.mapper_delta`):
-   - fp32 latents/s, and against the bare-matmul roofline: the same linear layers as
-     plain `F.linear` calls on the same shapes (no PixelNorm, bias or activation);
-     target fp32 >= 0.85 of that roofline;
+   - fp32 latents/s, and against the bare-matmul roofline: the matrix products the
+     mapper's forward runs (recorded at dispatch) as plain matmuls on the same shapes (no
+     PixelNorm, bias or activation), the faster of `F.linear` (MKL) and oneDNN's
+     `mkldnn._linear_pointwise` (what the fp32 CPU mapper calls); target fp32 >= 0.85 of it;
    - bf16 autocast latents/s: speedup over fp32, and over the official code in fp32
      (EqualLinear scaled at every forward, bench_train.straightforward); target >= 2x
      the official code where the CPU/GPU has bf16 matmul (AMX, AVX512-BF16, tensor cores);
@@ -34,13 +35,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from bench_train import straightforward  # noqa: E402
 
-from model.mapper import EqualLinear, official_layout  # noqa: E402
+from model.mapper import official_layout  # noqa: E402
 from stages.common import autocast, resolve_device  # noqa: E402
 from stages.edit import TargetDelta, mapper_delta  # noqa: E402
 from stages.render import render_s  # noqa: E402
@@ -77,6 +79,33 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+class _MatmulShapes(TorchDispatchMode):
+    """Records (M, K, N) of every matrix product run under it: linear (x [..., K] by
+    W [N, K]: M = rows of x), addmm, addmm_ and mm (what a mode sees; the products inside
+    a linear are not dispatched to it again)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, int, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        aten = torch.ops.aten
+        if func in (aten.linear.default, torch.ops.mkldnn._linear_pointwise.default):
+            x, w = args[0], args[1]
+            self.shapes.append((x.numel() // x.shape[-1], x.shape[-1], w.shape[0]))
+        elif func in (aten.addmm.default, aten.addmm_.default, aten.mm.default):
+            a, b = args[-2:] if func is aten.mm.default else args[1:3]
+            self.shapes.append((a.shape[0], a.shape[1], b.shape[1]))
+        return func(*args, **(kwargs or {}))
+
+
+def matmul_shapes(fn: Callable[[], object]) -> list[tuple[int, int, int]]:
+    """(M, K, N) of every matrix product `fn()` runs."""
+    with _MatmulShapes() as rec:
+        fn()
+    return rec.shapes
+
+
 def bench_mapper(batch: int, repeats: int, device: str) -> dict:
     from model.mapper import DeltaMapper
 
@@ -89,22 +118,16 @@ def bench_mapper(batch: int, repeats: int, device: str) -> dict:
     c = torch.randn(batch, CLIP_DIM, generator=g).to(device)
     dt = torch.randn(CLIP_DIM, generator=g)
     target = [TargetDelta("t", dt / dt.norm(), 1.0, torch.ones(layout.conv_dim, dtype=bool))]
-    # the bare matmuls of one forward, on the shapes each layer really sees ([B, in] or
-    # [B, L, in] for the levels of several layers), recorded by forward hooks
-    weights: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def record(module: EqualLinear, inputs: tuple, _out: torch.Tensor) -> None:
-        x = torch.randn(inputs[0].shape, device=device)
-        weights.append((x, module.weight.detach().contiguous()))
-
-    hooks = [
-        m.register_forward_hook(record) for m in mapper.modules() if isinstance(m, EqualLinear)
-    ]
+    # the bare matmuls of one forward: the (M, K, N) of every matmul the mapper runs,
+    # recorded at dispatch (the official forward's too, for its FLOPs)
     with torch.inference_mode():
-        mapper_delta(mapper, s, c, target)
-    for h in hooks:
-        h.remove()
-    flops = sum(2 * x[..., 0].numel() * w.shape[0] * w.shape[1] for x, w in weights)
+        shapes = matmul_shapes(lambda: mapper_delta(mapper, s, c, target))
+        official_shapes = matmul_shapes(lambda: mapper_delta(official, s, c, target))
+    weights = [
+        (torch.randn(m, k, device=device), torch.randn(n, k, device=device)) for m, k, n in shapes
+    ]
+    flops = sum(2 * m * k * n for m, k, n in shapes)
+    official_flops = sum(2 * m * k * n for m, k, n in official_shapes)
 
     def run(model: Callable, precision: str) -> Callable[[], None]:
         def go() -> None:
@@ -113,22 +136,29 @@ def bench_mapper(batch: int, repeats: int, device: str) -> dict:
 
         return go
 
-    def bare(dtype: torch.dtype) -> Callable[[], None]:
+    def bare(dtype: torch.dtype, onednn: bool = False) -> Callable[[], None]:
         cast = [(x.to(dtype), w.to(dtype)) for x, w in weights]
+        linear = F.linear
+        if onednn:  # the kernel the fp32 CPU mapper calls, without bias or activation
+
+            def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+                return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
         def go() -> None:
             with torch.inference_mode():
                 for x, w in cast:
-                    F.linear(x, w)
+                    linear(x, w)
 
         return go
 
+    onednn = device == "cpu" and torch.backends.mkldnn.is_available()
     t = timed(
         {
             "fp32": run(mapper, "fp32"),
             "bf16": run(mapper, "bf16"),
             "official fp32": run(official, "fp32"),
             "bare fp32": bare(torch.float32),
+            **({"bare fp32 onednn": bare(torch.float32, True)} if onednn else {}),
             "bare bf16": bare(torch.bfloat16),
         },
         repeats,
@@ -145,6 +175,7 @@ def bench_mapper(batch: int, repeats: int, device: str) -> dict:
         "k": k,
         "batch": batch,
         "flops": flops,
+        "official_flops": official_flops,
         "rel_median": float(np.median(rel)),
         "rel_max": float(rel.max()),
     }
@@ -219,14 +250,20 @@ def main() -> None:
     print(f"A. mapper inference, official size, batch {b} ({clock}):")
     for name in ("fp32", "bf16", "official fp32"):
         print(f"   {name:14s} {rate(name):10,.0f} latents/s (wall {b / t[name][0]:,.0f})")
-    roof32, roof16 = m["flops"] / t["bare fp32"][k], m["flops"] / t["bare bf16"][k]
+    # the fp32 roofline: the faster bare matmul (MKL's F.linear or oneDNN's, on the CPU)
+    bare32 = min(t[name][k] for name in ("bare fp32", "bare fp32 onednn") if name in t)
+    if "bare fp32 onednn" in t:
+        mkl, dnn = (m["flops"] / t[name][k] / 1e9 for name in ("bare fp32", "bare fp32 onednn"))
+        print(f"   bare fp32 matmul: F.linear (MKL) {mkl:.1f} GFLOP/{clock}, oneDNN {dnn:.1f}")
+    roof32, roof16 = m["flops"] / bare32, m["flops"] / t["bare bf16"][k]
     print(
         f"   bare-matmul roofline: fp32 {roof32 / 1e9:.1f} GFLOP/{clock}, bf16 "
-        f"{roof16 / 1e9:.1f} ({roof16 / roof32:.1f}x fp32); {m['flops'] / b / 1e6:.1f} MFLOP "
-        "per latent"
+        f"{roof16 / 1e9:.1f} ({roof16 / roof32:.1f}x fp32), on the matmuls the mapper runs: "
+        f"{m['flops'] / b / 1e6:.1f} MFLOP per latent (the official forward "
+        f"{m['official_flops'] / b / 1e6:.1f})"
     )
     print(
-        f"   fp32 path = {t['bare fp32'][k] / t['fp32'][k]:.2f} of the fp32 roofline "
+        f"   fp32 path = {bare32 / t['fp32'][k]:.2f} of the fp32 roofline "
         f"(target >= 0.85); bf16 path = {t['bare bf16'][k] / t['bf16'][k]:.2f} of the bf16 one"
     )
     print(

@@ -9,7 +9,10 @@ Then, each in a fresh process (peak RSS = that process's VmHWM):
   sampler  the train sampler, shard-blocked (store/sampler.py) within --budget-mb, over the
            conv columns as train reads them: pairs/s over --batches batches of 64
   edit     `stages.edit.run` over every row: the official-size Delta Mapper (1024 layout,
-           E = 512) at random weights, edits stored as --dtype; rows/s
+           E = 512) at random weights, edits stored as --dtype, --precision compute; rows/s,
+           against the mapper alone in the same process (`mapper_delta` on --baseline-rows
+           rows in memory, same batch and precision: twice before the edit, twice after;
+           median): edit / mapper-only in wall and CPU time (issue 17 target >= 0.8x)
   info     `store info` of both stores (describe + format)
   verify   `store verify` of both stores (streams block by block), rows/s
 
@@ -45,6 +48,7 @@ from store.rowstore import FLOAT_DTYPES, store_nbytes  # noqa: E402
 from store.sampler import load_overhead, min_sharded_budget  # noqa: E402
 
 S_DIM, CLIP_DIM, BATCH = 9088, 512, 64
+EDIT_BATCH = 256  # execution.batch_size of the edit part
 CLIP_NAME = "bench-rows-512"  # the tiny CLIP config with 512-d embeddings (text prompts only)
 PARTS = ("sampler", "edit", "info", "verify")
 
@@ -57,6 +61,24 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rows-per-shard", type=int, default=512)
     p.add_argument("--budget-mb", type=float, default=512.0, help="train sampler memory budget")
     p.add_argument("--batches", type=int, default=300, help="sampler batches timed")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16"),
+        help="edit part: execution.precision (the mapper's compute dtype)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="edit part: torch intra-op threads (0 = torch's default, the cores)",
+    )
+    p.add_argument(
+        "--baseline-rows",
+        type=int,
+        default=1024,
+        help="edit part: rows the mapper-only baseline maps (in memory, 4 runs)",
+    )
     p.add_argument("--parts", default=",".join(PARTS), help=f"any of {', '.join(PARTS)}")
     p.add_argument("--keep", action="store_true", help="keep each store after its run")
     p.add_argument(
@@ -228,14 +250,41 @@ def part_sampler(root: Path, args: argparse.Namespace) -> dict:
     return out
 
 
+def mapper_only(mapper, s_conv, c, targets, batch: int, precision: str) -> tuple[float, float]:
+    """The mapper alone on rows already in memory: (wall s, process CPU s) of
+    `stages.edit.mapper_delta` over every row, in batches of `batch` as the edit runs it."""
+    import torch
+
+    from stages.common import autocast
+    from stages.edit import mapper_delta
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    with torch.inference_mode(), autocast("cpu", precision):
+        for i in range(0, len(s_conv), batch):
+            mapper_delta(mapper, s_conv[i : i + batch], c[i : i + batch], targets).float()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
 def part_edit(root: Path, args: argparse.Namespace) -> dict:
+    """The edit over every row, bracketed by the mapper-only baseline (same process, same
+    mapper, targets, batch and precision, the store's first rows in memory): two baseline
+    runs before the edit, two after, their median against the edit."""
+    import gc
+    import statistics
+
+    import torch
+
     from model.checkpoint import load_checkpoint
+    from model.mapper import load_mapper
     from model.stylegan2 import CONFIGS
-    from stages.common import ExecutionConfig
-    from stages.edit import EditConfig, EditSpec
+    from stages.common import ExecutionConfig, release_freed_memory
+    from stages.edit import EditConfig, EditSpec, prepare_targets
     from stages.edit import run as run_edit
 
     assert CONFIGS["ffhq-1024"].channels == CHANNELS
+    release_freed_memory()  # what the edit sets: the baseline's freed mapper goes back
+    if args.threads:
+        torch.set_num_threads(args.threads)
     clip = clip_model()
     mapper_path = make_mapper(root, clip)
     model_bytes = 4 * sum(t.numel() for t in load_checkpoint(mapper_path)[0].values())
@@ -249,13 +298,48 @@ def part_edit(root: Path, args: argparse.Namespace) -> dict:
         dtype=args.dtype,
     )
     cfg.validate()
-    execution = ExecutionConfig(device="cpu", batch_size=256)
-    t0 = time.perf_counter()
+    execution = ExecutionConfig(device="cpu", batch_size=EDIT_BATCH, precision=args.precision)
+    # the baseline's rows: the first ones of the store, as the edit computes them (float32)
+    n_base = min(args.baseline_rows, RowStore.open(store_url(str(root), "s")).n_rows)
+    rows = np.arange(n_base)
+    s = torch.from_numpy(RowStore.open(store_url(str(root), "s")).read("s", rows=rows))
+    c = torch.from_numpy(RowStore.open(store_url(str(root), "clip")).read("embed", rows=rows))
+    edit = cfg.resolved()[0]
+
+    def baseline() -> tuple[float, float]:
+        mapper = load_mapper(mapper_path).eval()
+        conv = torch.from_numpy(mapper.s_index())
+        targets = prepare_targets(
+            edit, cfg.neutral_for(edit), clip, cfg.templates, None, layout(), mapper.s_layout
+        )
+        s_conv = s[:, conv].contiguous()
+        mapper_only(
+            mapper, s_conv[:EDIT_BATCH], c[:EDIT_BATCH], targets, EDIT_BATCH, args.precision
+        )  # warm-up
+        got = [
+            mapper_only(mapper, s_conv, c, targets, EDIT_BATCH, args.precision) for _ in range(2)
+        ]
+        del mapper, s_conv
+        gc.collect()
+        return got
+
+    base = baseline()
+    t0, c0 = time.perf_counter(), time.process_time()
     run_edit(cfg, execution, clip=clip, progress=False, log=lambda _: None)
-    dt = time.perf_counter() - t0
+    dt, dcpu = time.perf_counter() - t0, time.process_time() - c0
+    base += baseline()
     out = RowStore.open(str(root / "edits" / "smile.zarr"))
     n_ok = int((out.status() == Status.OK).sum())
-    return {"seconds": dt, "units": n_ok, "allowed": model_bytes}
+    return {
+        "seconds": dt,
+        "cpu_seconds": dcpu,
+        "units": n_ok,
+        "allowed": model_bytes,
+        "baseline_rows": n_base,
+        "threads": torch.get_num_threads(),
+        "baseline_rate": n_base / statistics.median(w for w, _ in base),
+        "baseline_cpu_rate": n_base / statistics.median(cpu for _, cpu in base),
+    }
 
 
 def part_info(root: Path, args: argparse.Namespace) -> dict:
@@ -282,7 +366,15 @@ def part_verify(root: Path, args: argparse.Namespace) -> dict:
 
 def run_part(part: str, root: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--_part", part, "--_root", str(root)]
-    for key in ("dtype", "rows_per_shard", "budget_mb", "batches"):
+    for key in (
+        "dtype",
+        "rows_per_shard",
+        "budget_mb",
+        "batches",
+        "precision",
+        "baseline_rows",
+        "threads",
+    ):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -342,6 +434,16 @@ def main() -> None:
                 f"peak RSS {r['peak'] / 2**20:.0f} MiB (growth {growth:.0f} MiB; "
                 f"budget/model {allowed / 2**20:.0f} MiB){extra}"
             )
+            if "baseline_rate" in r:
+                cpu_rate = r["units"] / r["cpu_seconds"]
+                print(
+                    f"           mapper only ({r['baseline_rows']} rows in memory, "
+                    f"{args.precision}, {r['threads']} torch threads): "
+                    f"{r['baseline_rate']:.0f} rows/s, "
+                    f"{r['baseline_cpu_rate']:.0f} rows/CPU-s; edit {cpu_rate:.0f} rows/CPU-s; "
+                    f"edit / mapper only = {rate / r['baseline_rate']:.2f}x wall, "
+                    f"{cpu_rate / r['baseline_cpu_rate']:.2f}x CPU (target >= 0.8x)"
+                )
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     small = min(rows)

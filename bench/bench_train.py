@@ -69,9 +69,28 @@ class StraightEqualLinear(nn.Module):
         return F.leaky_relu(out + self.bias * LR_MUL, 0.2) * math.sqrt(2)
 
 
+class StraightDeltaMapper(DeltaMapper):
+    """The official forward: every level's Mapper modules as they are (each condition module
+    normalizing cond itself) and the fusion module on the concatenation [sm(s) || cm(cond)],
+    cm(cond) repeated on every layer of a per-layer level."""
+
+    def forward(self, s_conv: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        b, out = s_conv.shape[0], []
+        for p in self.plans:
+            sm, cm, fm = (getattr(self, f"{k}_{p.level}") for k in ("sm", "cm", "fm"))
+            s, c = s_conv[:, p.span], cm(cond)
+            if p.n_layers > 1:
+                s = s.reshape(b, p.n_layers, p.width)
+                c = c.unsqueeze(1).expand(b, p.n_layers, p.width)
+            out.append(fm(torch.cat([sm(s), c], dim=-1)).reshape(b, -1))
+        return torch.cat(out, dim=1)
+
+
 def straightforward(mapper: DeltaMapper) -> DeltaMapper:
-    """A copy of `mapper` whose every EqualLinear is the straightforward layer."""
+    """A copy of `mapper` computing the official code's way: the official forward
+    (StraightDeltaMapper) and every EqualLinear the straightforward layer."""
     base = copy.deepcopy(mapper)
+    base.__class__ = StraightDeltaMapper
     for module in base.modules():
         if isinstance(module, Mapper):
             for k, layer in enumerate(module.mapping):

@@ -39,6 +39,15 @@ leaky ReLU), so a forward pass is one addmm + one in-place leaky ReLU. `state_di
 and `load_state_dict()` convert to and from the official values, so checkpoints are
 official. Adam on the effective parameters equals Adam on the official ones when
 each parameter's lr is multiplied by g and eps divided by g: see `param_groups`.
+
+The forward computes the official function with less work (equal to it up to float
+rounding): the condition modules' PixelNorm of cond is computed once for the three levels;
+in fp32 inference on a CPU every layer is one fused oneDNN call (matmul + bias + leaky
+ReLU, `fused_cpu_linear`); in other inference (bf16, GPUs) the fusion module's first layer
+never builds [sm(s) || cm(cond)]: with W = [W_s | W_c] it is one matmul of sm(s) by W_s
+accumulating the product of cm(cond) by W_c (`EqualLinear.forward_joined`); in the
+per-layer form that product is [B, C], computed once per row instead of on each of the L
+layers of the repeated cm(cond). Training (autograd) runs F.linear on the concatenation.
 """
 
 from __future__ import annotations
@@ -86,11 +95,40 @@ def official_layout() -> SLayout:
     return SLayout.from_channels(1024, OFFICIAL_CHANNELS)
 
 
-class PixelNorm(nn.Module):
+def pixel_norm(x: torch.Tensor) -> torch.Tensor:
     """x / rms(x) over dim 1 (the layer axis for [B, L, C] inputs, as in the official code)."""
+    return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + 1e-8)
+
+
+class PixelNorm(nn.Module):
+    """`pixel_norm` as a module (the first entry of a style / condition Mapper)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + 1e-8)
+        return pixel_norm(x)
+
+
+def fused_cpu_linear(x: torch.Tensor) -> bool:
+    """Whether a layer's forward on `x` runs as one oneDNN call (matmul + bias + leaky
+    ReLU fused: `torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile uses on
+    CPU): fp32 on a CPU with oneDNN, outside autograd and autocast (inference: edit,
+    validation). Elsewhere (training, bf16, GPUs) F.linear + leaky ReLU; the two agree
+    within float rounding (tests/test_mapper.py). On 2 shared cores of an AMD EPYC it is
+    2-3x the MKL matmul + separate activation (BENCHMARKS.md)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_grad_enabled()
+        and not _cpu_autocast()
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled()
 
 
 class EqualLinear(nn.Module):
@@ -111,7 +149,34 @@ class EqualLinear(nn.Module):
         self.register_load_state_dict_pre_hook(EqualLinear._from_official)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        if fused_cpu_linear(x):
+            return torch.ops.mkldnn._linear_pointwise(
+                x.contiguous(), self.weight, self.bias, "leaky_relu", [0.2], ""
+            )
         return F.leaky_relu(F.linear(x, self.weight, self.bias), 0.2, inplace=True)
+
+    def forward_joined(self, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """forward(cat([a, c], -1)) without building the concatenation: W = [W_a | W_c],
+        out = lrelu(a @ W_a.T + b + c @ W_c.T). a [B, k] with c [B, in - k], or a [B, L, k]
+        with c [B, in - k] standing for the same c on each of the L rows (computed once per
+        row instead of L times). What the fusion module's first layer sees; the split form
+        runs in inference off the oneDNN path (bf16, GPUs)."""
+        # the concatenation: for the fused oneDNN call (one call on the whole contiguous
+        # weight) and under autograd (the weight slices' backward costs more than it saves)
+        if fused_cpu_linear(a) or torch.is_grad_enabled():
+            if a.dim() == 3:
+                c = c.unsqueeze(1).expand(*a.shape[:2], c.shape[-1])
+            return self.forward(torch.cat([a, c], dim=-1))
+        k = a.shape[-1]
+        w_c = self.weight[:, k:]
+        y = F.linear(a, self.weight[:, :k], self.bias)
+        if y.dim() == 2 and y.dtype == c.dtype == w_c.dtype:
+            y.addmm_(c, w_c.t())  # accumulated by the matmul itself (no autocast here)
+        elif y.dim() == 2:
+            y += F.linear(c, w_c)
+        else:
+            y += F.linear(c, w_c).unsqueeze(1)
+        return F.leaky_relu(y, 0.2, inplace=True)
 
     def gains(self) -> dict[str, float]:
         """Effective = official * gain, per parameter name."""
@@ -142,8 +207,15 @@ class Mapper(nn.Module):
         layers += [EqualLinear(in_dim if k == 0 else out_dim, out_dim) for k in range(N_LAYERS)]
         self.mapping = nn.Sequential(*layers)  # keys mapping.{i}.weight / .bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mapping(x)
+    def forward(self, x: torch.Tensor, normalized: bool = False) -> torch.Tensor:
+        """`normalized`: x is already pixel_norm'ed (the PixelNorm entry is skipped)."""
+        for layer in self.mapping:
+            if not (normalized and isinstance(layer, PixelNorm)):
+                x = layer(x)
+        return x
+
+    def linears(self) -> list[EqualLinear]:
+        return [m for m in self.mapping if isinstance(m, EqualLinear)]
 
 
 @dataclass(frozen=True)
@@ -232,17 +304,18 @@ class DeltaMapper(nn.Module):
                 f"got {tuple(s_conv.shape)} and {tuple(cond.shape)}"
             )
         b = s_conv.shape[0]
+        cond = pixel_norm(cond)  # every condition module's PixelNorm, once for all levels
         out = []
         for p in self.plans:
             sm, cm, fm = (getattr(self, f"{k}_{p.level}") for k in ("sm", "cm", "fm"))
             s = s_conv[:, p.span]  # [B, L*C]
-            c = cm(cond)  # [B, C]
             if p.n_layers > 1:
                 s = s.reshape(b, p.n_layers, p.width)  # [B, L, C]
-                c = c.unsqueeze(1).expand(b, p.n_layers, p.width)  # [B, L, C]
-                fused = fm(torch.cat([sm(s), c], dim=2))  # [B, L, C]
-            else:
-                fused = fm(torch.cat([sm(s), c], dim=1))  # [B, W]
+            c = cm(cond, normalized=True)  # [B, C]: the same on every layer of the level
+            first, *rest = fm.linears()
+            fused = first.forward_joined(sm(s), c)  # fm([sm(s) || c]), [B, L, C] or [B, W]
+            for layer in rest:
+                fused = layer(fused)
             out.append(fused.reshape(b, -1))
         return torch.cat(out, dim=1)  # [B, Dconv]
 
@@ -324,8 +397,9 @@ def load_mapper(
         state = {k.removeprefix("module."): v for k, v in state.items()}
         clip_dim = 512 if clip_dim is None else clip_dim
     _check_state(layout, clip_dim, state, path, channels)
-    mapper = DeltaMapper(layout, clip_dim, channels)
-    mapper.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    with torch.device("meta"):  # no random init: the parameters are assigned the loaded ones
+        mapper = DeltaMapper(layout, clip_dim, channels)
+    mapper.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
     return mapper.to(device)
 
 

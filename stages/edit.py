@@ -845,15 +845,20 @@ def edit_rows(
     """
     out = np.array(s, dtype=np.float32, copy=True)
     runs = conv_runs(layout)
-    idx = layout.conv_index()
+    if mapper is not None:  # the mapped channels of every row, gathered once per block
+        mapped = np.ascontiguousarray(out[:, layout.conv_index()])
+        c32 = np.ascontiguousarray(c, dtype=np.float32)
     for i in range(0, len(s), batch_size):
         rows = slice(i, i + batch_size)
         if mapper is not None:
             # always batch_size rows (the last batch padded): a row's delta does not depend
             # on which rows share its batch, so reused and recomputed edits agree bitwise
-            take = np.minimum(np.arange(i, i + batch_size), len(s) - 1)
-            s_conv = to_device(np.ascontiguousarray(out[take][:, idx]), device)
-            cb = to_device(np.ascontiguousarray(c[take], dtype=np.float32), device)
+            if i + batch_size <= len(s):
+                s_b, c_b = mapped[rows], c32[rows]  # views, no copy
+            else:
+                take = np.minimum(np.arange(i, i + batch_size), len(s) - 1)
+                s_b, c_b = mapped[take], c32[take]
+            s_conv, cb = to_device(s_b, device), to_device(c_b, device)
             with autocast(device, precision):
                 delta = mapper_delta(mapper, s_conv, cb, targets)
             delta = delta.float().cpu().numpy()

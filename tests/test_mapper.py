@@ -173,3 +173,27 @@ def test_official_layout_levels():
     }
     equal = SLayout.from_channels(64, {r: 8 for r in (4, 8, 16, 32, 64)})
     assert {p.level: (p.n_layers, p.width) for p in plan_levels(equal)}["fine"] == (2, 8)
+
+
+def test_inference_training_and_split_forms_compute_one_function(monkeypatch):
+    """fp32 CPU inference (oneDNN fused layers), the autograd forward (F.linear on the
+    concatenation) and the split fusion layer (bf16 / GPU inference) agree, for both level
+    forms (per-layer coarse, flat medium)."""
+    import model.mapper as mm
+
+    torch.manual_seed(0)
+    mapper = DeltaMapper(TINY, clip_dim=8)
+    for p in mapper.parameters():  # nonzero biases: every term of every layer counts
+        p.data.add_(0.1 * torch.randn_like(p))
+    s, cond = torch.randn(6, TINY.conv_dim), torch.randn(6, 16)
+    trained = mapper(s, cond)  # grad enabled: the training path
+    assert trained.requires_grad
+    with torch.inference_mode():
+        # where oneDNN is there (every x86 torch build) inference takes the fused layers
+        assert mm.fused_cpu_linear(s) == torch.backends.mkldnn.is_available()
+        fused = mapper(s, cond)
+        monkeypatch.setattr(mm, "fused_cpu_linear", lambda x: False)
+        split = mapper(s, cond)
+    torch.testing.assert_close(fused, trained.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split, trained.detach(), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(split, torch.zeros_like(split))
