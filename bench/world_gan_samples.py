@@ -17,19 +17,17 @@ import numpy as np
 import torch
 
 from model.stylegan2 import load_generator
-from stages.world.judge import UNCLEAR, UNKNOWN, judge_images
+from stages.world.judge import is_clear, judge_images
 from stages.world.render import WorldConfig
-from stages.world.sspace import sample_probe
+from stages.world.score import render_s
+from stages.world.sspace import sample_probe, sample_s
 
 
 def sample_report(generator: str, n: int, seed: int) -> dict:
     G = load_generator(generator).eval()
-    z = torch.randn(n, G.config.in_dim, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        img = G.synthesize_w(G.wplus(G.mapping(z)), "const").clamp(-1, 1)
-    u8 = ((img.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    u8 = render_s(G, sample_s(G, n, seed))
     reads = [r.attributes() for r in judge_images(u8, WorldConfig())]
-    clear = np.mean([all(v not in (UNKNOWN, UNCLEAR) for v in a.values()) for a in reads])
+    clear = np.mean([is_clear(a) for a in reads])
     out: dict = {"generator": generator, "n": n, "clear": round(float(clear), 3)}
     for key in reads[0]:
         counts = collections.Counter(a[key] for a in reads)

@@ -240,6 +240,12 @@ def judge_images(images: np.ndarray, world: WorldConfig) -> list[Reading]:
     return [read_image(im, world) for im in images]
 
 
+def is_clear(attributes: dict[str, str]) -> bool:
+    """Whether every attribute of a reading (`Reading.attributes()`) was read: no
+    `unknown` value, no `unclear` shape."""
+    return all(v not in (UNKNOWN, UNCLEAR) for v in attributes.values())
+
+
 def knows(attribute: str, value: str) -> bool:
     """Whether the judge can read `value` of `attribute` from pixels."""
     try:

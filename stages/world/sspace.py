@@ -185,20 +185,17 @@ def sample_probe(
     channels alone; the edits are judged: target reached = the judge reads the target;
     others kept = it reads every other attribute as it read the source. An unclear reading
     fails both."""
-    from stages.world.judge import UNCLEAR, UNKNOWN
+    from stages.world.judge import is_clear as clear
 
     def reads(s: np.ndarray) -> list[dict[str, str]]:
         return [r.attributes() for r in judge_images(render_s(G, s), world)]
-
-    def clear(a: dict[str, str]) -> bool:
-        return all(v not in (UNKNOWN, UNCLEAR) for v in a.values())
 
     s_fit = sample_s(G, n_fit, seed)
     s_test = sample_s(G, n_test, seed + 1)
     fit_reads, test_reads = reads(s_fit), reads(s_test)
     test_clear = np.array([clear(a) for a in test_reads])
     directions = attribute_directions(s_fit, fit_reads)
-    where = {"conv": _index(G, "conv"), "torgb": _index(G, "torgb")}
+    where = {"conv": G.layout.conv_index(), "torgb": _index(G, "torgb")}
     for level in LEVELS:
         if len(idx := _index(G, "conv", level)):
             where[f"conv {level}"] = idx
