@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from model.checkpoint import CheckpointError
+from model.e4e import create_e4e, save_e4e
 from model.stylegan2 import create_generator, load_generator, save_generator
 from stages.world.e4e import EncoderTrainConfig
 from stages.world.e4e import train_chunk as train_e4e
@@ -117,6 +119,35 @@ def test_encoder_chunks_learn_and_refuse_another_generator(tmp_path):
 
     with pytest.raises(CheckpointError, match="generator_fingerprint"):
         train_e4e(dataclasses.replace(cfg, iterations=14), WORLD, **QUIET)
+
+
+def test_encoder_run_warm_started_from_an_earlier_encoder(tmp_path):
+    """world_e4e.init: a run on a later generator snapshot starts from the encoder trained
+    on an earlier one (its weights, this generator's mean w), not from the seed."""
+    import json
+
+    g1, g2 = tmp_path / "g1.safetensors", tmp_path / "g2.safetensors"
+    save_generator(create_generator("world-gan-32", seed=3), g1)
+    cfg = EncoderTrainConfig(
+        generator=str(g1), out_dir=str(tmp_path / "first"), n_train=32, batch=8,
+        chunk_minutes=0, log_every=1, iterations=30,
+    )  # fmt: skip
+    train_e4e(cfg, WORLD, **QUIET)
+    first = [json.loads(x)["latent"] for x in (tmp_path / "first/log.jsonl").open()]
+    save_generator(create_generator("world-gan-32", seed=3), g2)  # same weights, new file
+    for name, init in (("scratch", ""), ("warm", str(tmp_path / "first/e4e.safetensors"))):
+        run = dataclasses.replace(cfg, generator=str(g2), out_dir=str(tmp_path / name),
+                                  init=init, iterations=3)  # fmt: skip
+        train_e4e(run, WORLD, **QUIET)
+    warm = [json.loads(x)["latent"] for x in (tmp_path / "warm/log.jsonl").open()]
+    scratch = [json.loads(x)["latent"] for x in (tmp_path / "scratch/log.jsonl").open()]
+    assert np.mean(warm) < np.mean(scratch)
+    assert np.mean(warm) <= np.mean(first[-5:]) * 1.5  # it goes on from where the first ended
+    with pytest.raises(CheckpointError, match="another shape"):
+        bad = tmp_path / "bad.safetensors"
+        save_e4e(create_e4e("tiny"), bad)
+        train_e4e(dataclasses.replace(run, out_dir=str(tmp_path / "bad"), init=str(bad)),
+                  WORLD, **QUIET)  # fmt: skip
 
 
 def _scene(shape: str, size: str = "large"):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from model.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
-from model.e4e import E4E, create_e4e, save_e4e
+from model.e4e import E4E, create_e4e, load_e4e, save_e4e
 from model.stylegan2 import Generator, load_generator
 from stages.config import require
 from stages.world.gan import config_diff, flatten_optimizer, load_optimizer, render_reals
@@ -43,6 +43,8 @@ class EncoderTrainConfig:
     generator: str = "weights/world/gan/generator.safetensors"
     out_dir: str = "weights/world/e4e-run"
     e4e_config: str = "world-32"
+    init: str = ""  # a new run starts from this e4e's weights (e.g. one trained on an
+    # earlier snapshot of the generator); latent_avg stays this generator's mean w
     seed: int = 0
     n_train: int = 20000
     batch: int = 32  # half synthetic, half real
@@ -79,7 +81,16 @@ def _run_config(cfg: EncoderTrainConfig, G: Generator) -> dict[str, Any]:
 
 
 def new_state(cfg: EncoderTrainConfig, G: Generator) -> EncoderState:
-    E = create_e4e(cfg.e4e_config, seed=cfg.seed, latent_avg=G.mean_latent().detach()).train()
+    E = create_e4e(cfg.e4e_config, seed=cfg.seed, latent_avg=G.mean_latent().detach())
+    if cfg.init:
+        start = load_e4e(cfg.init)
+        if start.config != E.config:
+            raise CheckpointError(
+                f"{cfg.init}: world_e4e.init is an e4e of another shape than {cfg.e4e_config!r}"
+            )
+        weights = {k: v for k, v in start.state_dict().items() if k != "latent_avg"}
+        E.load_state_dict(weights | {"latent_avg": E.latent_avg})
+    E.train()
     opt = torch.optim.Adam(E.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
     return EncoderState(E, opt, torch.Generator().manual_seed(cfg.seed + 5))
 
