@@ -1,10 +1,11 @@
 """Stage `encode-s`: manifest OK rows -> e4e -> W+ -> S -> `<dataset>/s.zarr`.
 
 Each image is resized to the e4e input size (bilinear, as the official
-transforms), mapped to [-1, 1], inverted by e4e to W+ [L, W], and turned into the
-generator's StyleSpace code s = G.w_to_s(W+) [D]. Stores s [N, D] and, when
+transforms), mapped to [-1, 1], inverted by e4e to W+ [L, W] (optionally refined by
+`encode_s.refine_steps` steps of optimisation on the image loss, model/inversion.py), and
+turned into the generator's StyleSpace code s = G.w_to_s(W+) [D]. Stores s [N, D] and, when
 `encode_s.keep_wplus`, wplus [N, L, W]. attrs: fingerprint = sha256(generator
-fingerprint + e4e fingerprint), generator, e4e, layout (SLayout.to_dict()).
+fingerprint + e4e fingerprint [+ refine steps and lr]), generator, e4e, layout (SLayout.to_dict()).
 """
 
 from __future__ import annotations
@@ -61,9 +62,13 @@ class EncodeSConfig:
     keep_wplus: bool = False  # also store the e4e W+ [N, L, W]
     decode_threads: DecodeThreads = "auto"  # decoding threads per block task; auto/0: cores/workers
     dtype: str = "float32"  # how s is stored: float32 | float16 | bfloat16 (half the bytes)
+    refine_steps: int = 0  # e4e's W+ refined by this many Adam steps on the image loss
+    refine_lr: float = 0.01  # (model/inversion.py; 0 steps = e4e alone, as the paper)
 
     def validate(self) -> None:
         require(bool(self.dataset), "dataset", self.dataset, "a dataset folder or URL")
+        require(self.refine_steps >= 0, "refine_steps", self.refine_steps, "an integer >= 0")
+        require(self.refine_lr > 0, "refine_lr", self.refine_lr, "a number > 0")
         require(self.dtype in FLOAT_DTYPES, "dtype", self.dtype, " | ".join(FLOAT_DTYPES))
         check_decode_threads(self.decode_threads)
 
@@ -72,9 +77,11 @@ class EncodeSError(ValueError):
     """The e4e encoder and the generator do not fit together; one line."""
 
 
-def s_fingerprint(generator_fp: str, e4e_fp: str, dtype: str = "float32") -> str:
-    fp = hashlib.sha256(f"{generator_fp}+{e4e_fp}".encode()).hexdigest()
-    return dtype_fingerprint(fp, dtype)
+def s_fingerprint(
+    generator_fp: str, e4e_fp: str, dtype: str = "float32", refine: tuple[int, float] = (0, 0.0)
+) -> str:
+    key = f"{generator_fp}+{e4e_fp}" + (f"+refine{refine[0]}@{refine[1]!r}" if refine[0] else "")
+    return dtype_fingerprint(hashlib.sha256(key.encode()).hexdigest(), dtype)
 
 
 def e4e_pixels(img: Image.Image, size: int) -> np.ndarray:
@@ -104,6 +111,7 @@ class _STask(Staged):
     batch_size: int
     decode_threads: DecodeThreads
     keep_wplus: bool
+    refine: tuple[int, float] = (0, 0.01)  # (steps, lr) of model.inversion.refine_wplus
     storage_options: dict = field(default_factory=dict)
 
     def read(self, block: int) -> float:  # the images are read by the decode threads
@@ -111,6 +119,8 @@ class _STask(Staged):
 
     def compute(self, block: int, start: float) -> tuple:
         import torch
+
+        from model.inversion import refine_wplus
 
         device = resolve_device(self.device)  # on the worker: auto = its own GPU if any
         G = load_generator_ref(self.generator, device)
@@ -125,6 +135,8 @@ class _STask(Staged):
             x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [B, 3, S, S] in [-1, 1]
             with torch.no_grad():
                 wplus = enc(x)  # [B, L, W]
+            wplus = refine_wplus(G, x, wplus, *self.refine)
+            with torch.no_grad():
                 s = G.w_to_s(wplus)  # [B, D]
             out = {"s": s.float().cpu().numpy()}
             if self.keep_wplus:
@@ -185,7 +197,9 @@ def _encode_s(
     RowStore.open(store_url(cfg.dataset, "manifest"), require_complete=True, storage_options=so)
     refs = {"generator": generator, "e4e": e4e}
     dtype = {} if cfg.dtype == "float32" else {"dtype": cfg.dtype}
-    inputs = model_inputs(refs, [generator.path, e4e.path], keep_wplus=cfg.keep_wplus, **dtype)
+    refine = (cfg.refine_steps, cfg.refine_lr)
+    extra = dtype | ({"refine": list(refine)} if cfg.refine_steps else {})
+    inputs = model_inputs(refs, [generator.path, e4e.path], keep_wplus=cfg.keep_wplus, **extra)
     fresh = overwrite or reuse
     done = None if fresh else up_to_date(cfg.dataset, "s", inputs, "encode-s", so)
     if done is not None:
@@ -205,7 +219,7 @@ def _encode_s(
     attrs = {
         "stage": "encode-s",
         "inputs": inputs,
-        "fingerprint": s_fingerprint(G.fingerprint, enc.fingerprint, cfg.dtype),
+        "fingerprint": s_fingerprint(G.fingerprint, enc.fingerprint, cfg.dtype, refine),
         "generator": G.fingerprint,
         "e4e": enc.fingerprint,
         "layout": G.layout.to_dict(),
@@ -220,6 +234,7 @@ def _encode_s(
             execution.batch_size,
             decode_setting(cfg.decode_threads, execution),
             cfg.keep_wplus,
+            refine,
             dict(so),
         )
 

@@ -175,11 +175,13 @@ def train_e4e_cmd(
 def sspace_cmd(params_path: str, sets: tuple[str, ...], n_rows: int, out_path: str | None) -> None:
     """Test the generator's S space before any mapper: the oracle conv-only S delta
     (encoder of the counterfactual minus encoder of the source) per edit family, per
-    level, and how many channels carry each attribute."""
+    level, and how many channels carry each attribute. Rows are inverted as encode-s
+    does (e4e, refined by encode_s.refine_steps)."""
     from model.checkpoint import CheckpointError
     from model.e4e import load_e4e
     from model.stylegan2 import load_generator
     from stages.common import E4ERef, GeneratorRef
+    from stages.encode_s import EncodeSConfig
     from stages.world.render import WorldConfig
     from stages.world.sspace import s_space_report
 
@@ -187,12 +189,14 @@ def sspace_cmd(params_path: str, sets: tuple[str, ...], n_rows: int, out_path: s
     world_cfg = config(params, "world", WorldConfig)
     gref = config(params, "generator", GeneratorRef)
     eref = config(params, "e4e", E4ERef)
+    enc = config(params, "encode_s", EncodeSConfig)
     try:
         G = load_generator(gref.path)
         E = load_e4e(eref.path)
     except (CheckpointError, OSError, TypeError) as exc:
         raise click.ClickException(f"world sspace: {exc}") from None
-    report = s_space_report(G, E, world_cfg, n_rows=n_rows)
+    refine = (enc.refine_steps, enc.refine_lr)
+    report = s_space_report(G, E, world_cfg, n_rows=n_rows, refine=refine)
     text = json.dumps(report, indent=1)
     for fam, r in report["families"].items():
         o = r["oracle_conv"]

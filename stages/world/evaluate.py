@@ -152,6 +152,7 @@ class Models:
     e4e: Any | None = None
     mapper: Any | None = None
     relevance: Any | None = None  # stages.edit.Relevance
+    refine: tuple[int, float] = (0, 0.01)  # e4e's W+ refinement, as encode-s made the rows
 
 
 @torch.no_grad()
@@ -166,16 +167,19 @@ def clip_embed(clip: Any, images: np.ndarray, preprocessing: str) -> np.ndarray:
     return clip.model.encode_image(x).float().cpu().numpy()
 
 
-@torch.no_grad()
-def reconstruct_s(e4e: Any, generator: Any, images: np.ndarray) -> np.ndarray:
-    """uint8 [N, H, W, 3] -> S [N, D] through e4e + w_to_s, as encode-s does."""
+def reconstruct_s(
+    e4e: Any, generator: Any, images: np.ndarray, refine: tuple[int, float] = (0, 0.01)
+) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> S [N, D] through e4e (+ the store's refinement) + w_to_s, as
+    encode-s does."""
     from PIL import Image
 
+    from model.inversion import invert_s
     from stages.encode_s import e4e_pixels
 
     arrays = [e4e_pixels(Image.fromarray(im), e4e.input_size) for im in images]
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return generator.w_to_s(e4e(x)).float().cpu().numpy()
+    return invert_s(generator, e4e, x, *refine).float().cpu().numpy()
 
 
 @torch.no_grad()
@@ -369,7 +373,7 @@ def evaluate_one(
             unavailable["truth_reconstruction"] = "no e4e encoder"
         else:
             methods["truth_reconstruction"] = score(
-                reconstruct_s(models.e4e, models.generator, truth)
+                reconstruct_s(models.e4e, models.generator, truth, models.refine)
             )
     sweep = {}
     for a in cfg.alphas:  # the stored delta scaled: exact for a single-target edit
@@ -482,7 +486,8 @@ def run(
     relevance = None
     if "global_direction" in cfg.methods and storefs.exists(cfg.relevance, so):
         relevance = load_relevance(cfg.relevance, so)
-    models = Models(generator, clip, clip_ref.preprocessing, e4e, mapper, relevance)
+    refine = tuple((src.attrs.get("inputs") or {}).get("refine") or (0, 0.01))
+    models = Models(generator, clip, clip_ref.preprocessing, e4e, mapper, relevance, refine)
 
     metrics: dict[str, Any] = {"edits": {}, "targets": {k: list(v) for k, v in TARGETS.items()}}
     marks: dict[str, dict[str, str]] = {}

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.inversion import invert_s
 from model.layout import LEVELS
 from stages.world.judge import judge_images
 from stages.world.render import WorldConfig, counterfactual, render_many, scenes, to_unit
@@ -36,11 +37,15 @@ TOP_K = (1, 3, 10, 30, 100)
 HELD_OUT_SEED_OFFSET = 1000
 
 
-@torch.no_grad()
-def encode_s(G: Any, E: Any, images: np.ndarray, batch: int = 256) -> np.ndarray:
-    """uint8 [N, R, R, 3] -> s [N, D] through the encoder (W+) and G.w_to_s."""
+def encode_s(
+    G: Any, E: Any, images: np.ndarray, batch: int = 256, refine: tuple[int, float] = (0, 0.01)
+) -> np.ndarray:
+    """uint8 [N, R, R, 3] -> s [N, D] through the encoder (W+, refined as encode-s does with
+    `encode_s.refine_steps`) and G.w_to_s."""
     x = torch.from_numpy(to_unit(images))
-    return np.concatenate([G.w_to_s(E(x[i : i + batch])).numpy() for i in range(0, len(x), batch)])
+    return np.concatenate(
+        [invert_s(G, E, x[i : i + batch], *refine).numpy() for i in range(0, len(x), batch)]
+    )
 
 
 def _scores(report: dict) -> dict[str, Any]:
@@ -49,19 +54,25 @@ def _scores(report: dict) -> dict[str, Any]:
 
 
 def s_space_report(
-    G: Any, E: Any, world: WorldConfig, n_rows: int = 256, seed_offset: int = HELD_OUT_SEED_OFFSET
+    G: Any,
+    E: Any,
+    world: WorldConfig,
+    n_rows: int = 256,
+    seed_offset: int = HELD_OUT_SEED_OFFSET,
+    refine: tuple[int, float] = (0, 0.01),
 ) -> dict[str, Any]:
-    """The oracle conv-only S edits of every family on `n_rows` held-out scenes."""
+    """The oracle conv-only S edits of every family on `n_rows` held-out scenes, rows
+    inverted as encode-s does (e4e, + `refine` = (steps, lr) of W+ refinement)."""
     held = dataclasses.replace(world, seed=world.seed + seed_offset, n_images=n_rows)
     rows = scenes(held)
-    s_src = encode_s(G, E, render_many(rows, held))
+    s_src = encode_s(G, E, render_many(rows, held), refine=refine)
     conv = G.layout.conv_index()
     std = s_src[:, conv].std(0) + 1e-8
     level_of = np.concatenate([[la.level] * la.channels for la in G.layout.conv_layers])  # [Dconv]
-    out: dict[str, Any] = {"n_rows": n_rows, "families": {}}
+    out: dict[str, Any] = {"n_rows": n_rows, "refine": list(refine), "families": {}}
     for attribute, value in FAMILIES:
         cf = [counterfactual(s, attribute, value) for s in rows]
-        s_cf = encode_s(G, E, render_many(cf, held))  # [N, D], encoded once
+        s_cf = encode_s(G, E, render_many(cf, held), refine=refine)  # [N, D], encoded once
         delta = s_cf[:, conv] - s_src[:, conv]  # [N, Dconv]
 
         def edited(d: np.ndarray) -> np.ndarray:
@@ -74,9 +85,7 @@ def s_space_report(
                 evaluate_edits(rows, edited(delta), attribute, value, G, held, s_source=s_src)
             )
         }
-        fam["oracle_all_channels"] = _scores(
-            evaluate_edits(rows, encode_s(G, E, render_many(cf, held)), attribute, value, G, held)
-        )
+        fam["oracle_all_channels"] = _scores(evaluate_edits(rows, s_cf, attribute, value, G, held))
         fam["levels"] = {}
         for level in LEVELS:
             m = level_of == level
