@@ -168,6 +168,7 @@ def bench_b(
             store=str(ds),
             mapper=cfg.mapper,
             out_dir=cfg.out_dir,
+            prune=False,  # a second prompt beside the first, as by hand: "new" stays
         )
         t0 = time.perf_counter()
         run_edit(cfg2, ex, clip=clip, progress=False, log=lambda _: None)

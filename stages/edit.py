@@ -44,6 +44,7 @@ from stages.common import (
 from stages.config import ConfigError, require
 from stages.execution import Staged
 from store import FLOAT_DTYPES
+from store import fs as storefs
 from store.fs import absolute
 
 Method = Literal["mapper", "global-direction"]
@@ -334,6 +335,9 @@ class EditConfig:
     # false = the mapper's output as is (the official DeltaEdit inference)
     antisymmetric: bool = False
     dtype: str = "float32"  # how edits store s': float32 | float16 | bfloat16 (half the bytes)
+    # remove the stores this stage wrote under out_dir for edits no longer listed (a
+    # persisted out_dir then holds what a from-scratch run makes); `--target` turns it off
+    prune: bool = True
 
     def validate(self) -> None:
         require(self.dtype in FLOAT_DTYPES, "dtype", self.dtype, " | ".join(FLOAT_DTYPES))
@@ -660,7 +664,58 @@ def run(
     execution = execution or ExecutionConfig()
     urls = [edit_url(cfg, e) for e in cfg.resolved()]
     with hold_outputs(urls, "edit", execution, log):
-        return _edit(cfg, execution, clip_ref, clip, progress, log)
+        results = _edit(cfg, execution, clip_ref, clip, progress, log)
+    if cfg.prune:
+        prune_edits(cfg.out_dir, {e.name for e in cfg.resolved()}, execution.storage(), log)
+    return results
+
+
+PASS_SUFFIXES = (".zarr", ".zarr.next", ".zarr.compute", ".zarr.prev")  # a store + leftovers
+
+
+def written_by_edit(url: str, storage_options: dict | None = None) -> str | None:
+    """The edit name a store at `url` records when this stage wrote it (attrs stage
+    "edit"), else None: anything else (another stage's store, a user's file) is not ours."""
+    meta = storefs.join(url, "zarr.json")
+    try:
+        attrs = json.loads(storefs.read_text(meta, storage_options)).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(attrs, dict) or attrs.get("stage") != "edit":
+        return None
+    name = attrs.get("name")
+    return name if isinstance(name, str) else None
+
+
+def prune_edits(
+    out_dir: str,
+    keep: set[str],
+    storage_options: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> list[str]:
+    """Remove the edit stores (and their update leftovers `.next`, `.compute`, `.prev`)
+    under `out_dir` of edits not in `keep`: only stores whose attrs say this stage wrote
+    them under that very name; a store some pass holds the lease of is kept (saying so).
+    Returns the URLs removed."""
+    from store.lease import lease_url
+
+    removed = []
+    for entry in storefs.listdir(out_dir, storage_options):
+        suffix = next((x for x in PASS_SUFFIXES if entry.endswith(x)), None)
+        if suffix is None or entry[: -len(suffix)] in keep:
+            continue
+        url = storefs.join(out_dir, entry)
+        name = entry[: -len(suffix)]
+        if written_by_edit(url, storage_options) != name:
+            continue
+        final = storefs.join(out_dir, f"{name}.zarr")
+        if storefs.exists(lease_url(final), storage_options):
+            log(f"edit: kept {url} (no longer in edit.edits, but a pass holds its lease)")
+            continue
+        storefs.remove(url, storage_options)
+        removed.append(url)
+        log(f"edit: removed {url} (no longer in edit.edits)")
+    return removed
 
 
 def edit_url(cfg: EditConfig, edit: Any) -> str:

@@ -417,6 +417,7 @@ RECORD_DIR = ".record"  # <out>/<name>/.record/block-<b>.json: {file name: recip
 MOVING_DIR = ".moving"  # copies of moved files on their way to their new names
 _ROW_NAME = re.compile(r"^(\d{8,})\.(png|jpg)$")
 _SHARD_NAME = re.compile(r"^shard-(\d{5,})\.tar$")
+OWN_DIRS = ("gallery", "sheets", "extra", RECORD_DIR, MOVING_DIR)  # render's own folders
 
 
 def shard_file(block: int) -> str:
@@ -649,6 +650,91 @@ def discover_edits(edits_dir: str, storage_options: dict | None = None) -> list[
         for n in storefs.listdir(edits_dir, storage_options)
         if n.endswith(".zarr")
     ]
+
+
+# --- what a rerun removes: the outputs of edits no longer rendered ------------------------
+
+
+@dataclass(frozen=True)
+class RenderedNames:
+    """The names this run wrote, per kind of output under render.out_dir."""
+
+    folders: set[str]  # <out>/<name>/ (with its .record)
+    gallery: set[str]  # gallery/<name>/
+    extra: set[str]  # extra/<name>/
+    sheets: set[str]  # sheets/<name>.png
+
+
+def rendered_before(out: str, storage_options: dict | None = None) -> set[str]:
+    """The names an earlier render wrote into `out`: those its render.json lists and the
+    folders holding a render record (only these are ever pruned)."""
+    from stages.edit import NAME_RE
+
+    names: set[str] = set()
+    info = storefs.join(out, "render.json")
+    if storefs.exists(info, storage_options):
+        try:
+            listed = json.loads(storefs.read_text(info, storage_options)).get("edits", [])
+            names |= {n for n in listed if isinstance(n, str)}
+        except (ValueError, AttributeError):
+            pass
+    for entry in storefs.listdir(out, storage_options):
+        if storefs.exists(storefs.join(out, entry, RECORD_DIR), storage_options):
+            names.add(entry)
+    return {n for n in names if n not in OWN_DIRS and NAME_RE.match(n)}
+
+
+def _remove_rendered(folder: str, storage_options: dict | None = None) -> bool:
+    """Remove the files render writes in `folder` (row files, tar shards, the record) and
+    the folder once empty; any other file stays. True: something was removed."""
+    entries = storefs.listdir(folder, storage_options)
+    ours = [
+        e
+        for e in entries
+        if _ROW_NAME.match(e) or _SHARD_NAME.match(e) or e in (RECORD_DIR, MOVING_DIR)
+    ]
+    for e in ours:
+        storefs.remove(storefs.join(folder, e), storage_options)
+    if len(ours) == len(entries):
+        storefs.remove(folder, storage_options)
+    return bool(ours)
+
+
+def prune_render(
+    out: str,
+    previous: set[str],
+    now: RenderedNames,
+    storage_options: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> list[str]:
+    """Remove what an earlier render wrote for names this one did not write (an edit
+    removed, render.edits narrowed, originals or shards turned off), so `out` holds what a
+    render from scratch writes. Returns the paths removed (a folder holding other files:
+    only render's files in it)."""
+    so = storage_options
+    removed: list[str] = []
+    for name in sorted(previous):
+        places = [
+            (storefs.join(out, name), name in now.folders),
+            (storefs.join(out, "gallery", name), name in now.gallery),
+            (storefs.join(out, "extra", name), name in now.extra),
+        ]
+        for folder, current in places:
+            if not current and _remove_rendered(folder, so):
+                removed.append(folder)
+        sheet = storefs.join(out, "sheets", f"{name}.png")
+        if name not in now.sheets and storefs.exists(sheet, so):
+            storefs.remove(sheet, so)
+            removed.append(sheet)
+    for own in ("gallery", "extra", "sheets"):  # left empty: gone, as from scratch
+        d = storefs.join(out, own)
+        if removed and storefs.isdir(d, so) and not storefs.listdir(d, so):
+            storefs.remove(d, so)
+    kept = [p for p in removed if storefs.exists(p, so)]
+    for path in removed:
+        left = "; other files in it kept" if path in kept else ""
+        log(f"render: removed {path} (no longer rendered{left})")
+    return removed
 
 
 def _ids(store_root: str, n_rows: int, storage_options: dict | None = None) -> np.ndarray | None:
@@ -889,6 +975,7 @@ def run(
         )
     out = cfg.out_dir
     storefs.makedirs(out, so)
+    previous = rendered_before(out, so)
     ids = _ids(cfg.store, src.n_rows, so)
     rng = np.random.default_rng(cfg.seed)
 
@@ -1016,6 +1103,13 @@ def run(
         sections.append(sec)
         marked_shown[name] = [r for r in row_id if mark[r]]
     page = write_gallery(out, sections, "deltaedit gallery", so)
+    now = RenderedNames(
+        folders={r.name for r in results if r.name not in gallery_only},
+        gallery=set(in_gallery),
+        extra={r.name for r in results},
+        sheets={r.name for r in results if r.sheet},
+    )
+    prune_render(out, previous, now, so, log)
     info = {
         "edits": [r.name for r in results],
         "rows_shown": shown.tolist(),

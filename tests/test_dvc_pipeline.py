@@ -29,7 +29,7 @@ SMALL = {
     "train.iterations": 60,
     "train.val_every": 30,
     "train.checkpoint_every": 30,
-    "render.max_rows": 8,
+    "render.max_rows": None,  # every row: a row added at the end is drawn (32 px images)
     "evaluate.n_rows": 8,
 }
 
@@ -128,25 +128,64 @@ def _store_bytes(path: Path) -> dict[str, bytes]:
     return out
 
 
-def test_repro_after_one_percent_more_images_encodes_only_the_new_rows(repo):
+def _tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def test_repro_after_one_percent_more_images_computes_only_the_new_rows(repo):
+    """The encoder stores and data/edits, data/render are `persist: true`: after the
+    dataset grew by one image, the encoders and edit run their models on the new row only
+    and render draws only its files; every output equals a from-scratch run on the grown
+    dataset (the CLI into fresh folders)."""
     dst, env = repo
-    _run(["dvc", "repro", "encode-s", "encode-clip"], dst, env)  # the pipeline as committed
+    _run(["dvc", "repro", "render"], dst, env)  # the pipeline as committed
     params = yaml.safe_load((dst / "params.yaml").read_text())
     n = params["world"]["n_images"]
     params["world"]["n_images"] = n + 1  # rows own their RNG: the first n images stay the same
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = _run(["dvc", "repro", "encode-s", "encode-clip"], dst, env)
-    assert _ran(out) == {"world", "ingest", "encode-clip", "encode-s"}
+    out = _run(["dvc", "repro", "render"], dst, env)
+    assert _ran(out) == {
+        *("world", "ingest", "encode-clip", "encode-s", "relevance", "train"),
+        *("edit", "world-evaluate", "render"),
+    }
     for stage in ("ingest", "encode-clip", "encode-s"):
         assert f"{stage}: rows reused {n}, computed 1, dropped 0" in out, out[-3000:]
+    names = [e["name"] for e in params["edit"]["edits"]]
+    for name in names:
+        assert re.search(rf"edit {name}: rows reused \d+, computed 1, dropped 0", out), out[-3000:]
+    for name in ["originals", *names]:  # render.max_rows null: the new last row is drawn
+        done = (
+            rf"render {name}: \d+ images \(rendered 1, reused \d+: kept \d+, moved 0\), removed 0"
+        )
+        assert re.search(done, out), out[-3000:]
     assert "started over" not in out
     for cmd in (
         ["deltaedit", "ingest", "--out", "data/fresh", "-q"],
         ["deltaedit", "encode-clip", "--dataset", "data/fresh", "-q"],
         ["deltaedit", "encode-s", "--dataset", "data/fresh", "-q"],
+        ["deltaedit", "edit", "--set", "edit.out_dir=data/fresh_edits", "-q"],
+        [
+            "deltaedit",
+            "render",
+            "--set",
+            "render.edits_dir=data/fresh_edits",
+            "--out",
+            "data/fresh_render",
+            "-q",
+        ],
     ):
         _run(cmd, dst, env)
     for name in ("manifest", "clip", "s"):
         a = _store_bytes(dst / "data/images" / f"{name}.zarr")
         b = _store_bytes(dst / "data/fresh" / f"{name}.zarr")
         assert a == b, f"{name}.zarr after dvc repro differs from a from-scratch store"
+    edits, fresh = dst / "data/edits", dst / "data/fresh_edits"
+    assert sorted(p.name for p in edits.iterdir()) == sorted(p.name for p in fresh.iterdir())
+    for name in names:
+        a, b = _store_bytes(edits / f"{name}.zarr"), _store_bytes(fresh / f"{name}.zarr")
+        assert a == b, f"edits/{name}.zarr after dvc repro differs from a from-scratch edit"
+    a, b = _tree(dst / "data/render"), _tree(dst / "data/fresh_render")
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == [], "data/render differs from a from-scratch render"

@@ -644,3 +644,43 @@ def test_select_rows_by_ids_range_and_sample():
         select_rows(Selection(ids=("nope",)), ok, 8, ids)
     with pytest.raises(ConfigError, match="at most one"):
         Selection(ids=("a",), sample=2).validate()
+
+
+def test_edit_removed_from_the_list_is_pruned_and_nothing_else(dataset, tmp_path):
+    """A persisted out_dir (dvc persist) ends as a from-scratch run leaves it: the store of
+    an edit no longer listed goes; a user's files, another stage's store, a copy of an edit
+    under another name and a one-off `--target` edit stay."""
+    import shutil
+    from dataclasses import replace
+
+    from stages.common import ExecutionConfig
+    from stages.edit import Selection, run
+
+    ex = ExecutionConfig(device="cpu", batch_size=4)
+    smile = EditSpec("smile", "smiling face", alpha=1.0, beta=0.0)
+    frown = EditSpec("frown", "frowning face", alpha=1.0, beta=0.0)
+    cfg = edit_config(dataset, tmp_path, edits=(smile, frown), select=Selection(range=(0, 8)))
+    run(cfg, ex, clip=dataset["clip"], progress=False, log=lambda _: None)
+    edits = tmp_path / "edits"
+    (edits / "notes.txt").write_text("mine")
+    shutil.copytree(dataset["root"] / "s.zarr", edits / "mine.zarr")  # stage encode-s
+    shutil.copytree(edits / "frown.zarr", edits / "frown_backup.zarr")  # records name frown
+    (edits / "frown.zarr.compute").mkdir()  # not a store: no attrs, not ours
+    r = cli(
+        "edit", *cli_base(dataset, tmp_path), "--target", "a face", "--name", "x", "--range", "0:4"
+    )
+    assert r.exit_code == 0, r.output
+    assert (edits / "frown.zarr").exists() and (edits / "smile.zarr").exists()  # kept
+    lines: list[str] = []
+    run(replace(cfg, edits=(smile,)), ex, clip=dataset["clip"], progress=False, log=lines.append)
+    assert f"edit: removed {edits / 'frown.zarr'} (no longer in edit.edits)" in lines
+    assert f"edit: removed {edits / 'x.zarr'} (no longer in edit.edits)" in lines
+    assert "edit smile: rows reused 7, computed 0, dropped 0" in lines  # untouched
+    left = sorted(p.name for p in edits.iterdir())
+    assert left == [
+        "frown.zarr.compute",
+        "frown_backup.zarr",
+        "mine.zarr",
+        "notes.txt",
+        "smile.zarr",
+    ]

@@ -344,3 +344,62 @@ def test_sheet_title_wraps_instead_of_cutting_the_neutral():
     long = contact_sheet([image(0)], [image(1)], [text], ["a"], tile=64)
     short = contact_sheet([image(0)], [image(1)], ["x"], ["a"], tile=64)
     assert long.height > short.height  # the whole title is there, on more lines
+
+
+def test_render_prunes_what_it_made_for_an_edit_gone_and_keeps_user_files(edited, tmp_path):
+    """An edit removed (and its store pruned by the edit stage): the next render removes
+    its folder, sheet, gallery and extra images, and the folder equals a render from
+    scratch but for the user's files, which stay."""
+    from dataclasses import replace
+
+    from test_edit import edit_config
+    from test_incremental import tree
+
+    from stages.common import ExecutionConfig
+    from stages.edit import EditSpec, Selection
+    from stages.edit import run as run_edit
+    from stages.render import run
+
+    ds = edited[0]
+    ex = ExecutionConfig(device="cpu", batch_size=4)
+    smile = EditSpec("smile", "smiling face", alpha=2.0, beta=0.0)
+    frown = EditSpec("frown", "frowning face", alpha=2.0, beta=0.0)
+    ecfg = edit_config(ds, tmp_path, edits=(smile, frown), select=Selection(range=(0, 6)))
+    run_edit(ecfg, ex, clip=ds["clip"], progress=False, log=lambda _: None)
+    out, truth = tmp_path / "render", tmp_path / "truth"
+    for name in ("smile", "frown"):
+        (truth / name).mkdir(parents=True)
+        for r in range(6):
+            Image.fromarray(image(r, 16)).save(truth / name / f"{r:08d}.png")
+
+    def render(out, **kw) -> list[str]:
+        lines: list[str] = []
+        cfg = render_config(ds, tmp_path / "edits", out, extra_dir=str(truth), **kw)
+        run(cfg, execution=ex, generator=ds["G"], progress=False, log=lines.append)
+        return lines
+
+    render(out, shards=True)  # gallery/<edit>/ too
+    assert (out / "frown" / "shard-00000.tar").exists() and (out / "gallery" / "frown").is_dir()
+    lines = render(out)  # loose files now: the tar shards and the gallery copies go
+    assert f"render: removed {out / 'gallery' / 'frown'} (no longer rendered)" in lines
+    assert not (out / "gallery").exists() and not list(out.rglob("*.tar"))
+    assert (out / "sheets" / "frown.png").exists() and (out / "extra" / "frown").is_dir()
+    user = {
+        "notes.txt": b"mine",
+        "mine/00000001.png": encode_image(image(1), "png"),  # no record: not render's
+        "frown/keep.txt": b"mine too",
+        "sheets/README": b"sheets of mine",
+    }
+    for rel, data in user.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+    run_edit(replace(ecfg, edits=(smile,)), ex, clip=ds["clip"], progress=False, log=lambda _: None)
+    lines = render(out)
+    assert f"render: removed {out / 'frown'} (no longer rendered; other files in it kept)" in lines
+    assert f"render: removed {out / 'sheets' / 'frown.png'} (no longer rendered)" in lines
+    assert f"render: removed {out / 'extra' / 'frown'} (no longer rendered)" in lines
+    assert any("render smile: 5 images (rendered 0, reused 5" in ln for ln in lines), lines
+    got = tree(out)
+    assert {k: got.pop(k) for k in user} == user  # the user's files are all there
+    render(tmp_path / "scratch")
+    assert got == tree(tmp_path / "scratch")

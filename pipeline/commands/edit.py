@@ -218,6 +218,7 @@ def edit_cmd(
             if value is not None:
                 spec[key] = value
         flags["edit.edits"] = [spec]
+        flags["edit.prune"] = False  # one edit by hand: the params' edits in out_dir stay
     elif any(v is not None for v in (neutral, name, alpha, alphas, beta, levels, mean_pull)):
         raise click.ClickException(
             "--neutral/--name/--alpha/--alphas/--beta/--levels/--mean-pull describe a "
