@@ -43,11 +43,18 @@ def refine_wplus(
     return wp.detach()
 
 
-def invert_s(G: torch.nn.Module, E: torch.nn.Module, x: Tensor, steps: int = 0, lr: float = 0.01):
-    """x [B, 3, S, S] in [-1, 1] -> s [B, D]: E's W+, refined `steps` times, through G.w_to_s
-    (what encode-s stores)."""
+def invert_wplus(
+    G: torch.nn.Module, E: torch.nn.Module, x: Tensor, steps: int = 0, lr: float = 0.01
+) -> Tensor:
+    """x [B, 3, S, S] in [-1, 1] -> W+ [B, L, W]: E's, refined `steps` times."""
     with torch.no_grad():
         wplus = E(x)  # [B, L, W]
-    wplus = refine_wplus(G, x, wplus, steps, lr)
+    return refine_wplus(G, x, wplus, steps, lr)
+
+
+def invert_s(G: torch.nn.Module, E: torch.nn.Module, x: Tensor, steps: int = 0, lr: float = 0.01):
+    """x [B, 3, S, S] in [-1, 1] -> s [B, D] = G.w_to_s(invert_wplus(...)) (what encode-s
+    stores)."""
+    wplus = invert_wplus(G, E, x, steps, lr)
     with torch.no_grad():
         return G.w_to_s(wplus)

@@ -73,12 +73,15 @@ class EncodeSConfig:
         check_decode_threads(self.decode_threads)
 
 
+NO_REFINE: tuple[int, float] = (0, 0.01)  # (refine_steps, refine_lr): e4e's W+ as it is
+
+
 class EncodeSError(ValueError):
     """The e4e encoder and the generator do not fit together; one line."""
 
 
 def s_fingerprint(
-    generator_fp: str, e4e_fp: str, dtype: str = "float32", refine: tuple[int, float] = (0, 0.0)
+    generator_fp: str, e4e_fp: str, dtype: str = "float32", refine: tuple[int, float] = NO_REFINE
 ) -> str:
     key = f"{generator_fp}+{e4e_fp}" + (f"+refine{refine[0]}@{refine[1]!r}" if refine[0] else "")
     return dtype_fingerprint(hashlib.sha256(key.encode()).hexdigest(), dtype)
@@ -111,7 +114,7 @@ class _STask(Staged):
     batch_size: int
     decode_threads: DecodeThreads
     keep_wplus: bool
-    refine: tuple[int, float] = (0, 0.01)  # (steps, lr) of model.inversion.refine_wplus
+    refine: tuple[int, float] = NO_REFINE  # (steps, lr) of model.inversion.invert_wplus
     storage_options: dict = field(default_factory=dict)
 
     def read(self, block: int) -> float:  # the images are read by the decode threads
@@ -120,7 +123,7 @@ class _STask(Staged):
     def compute(self, block: int, start: float) -> tuple:
         import torch
 
-        from model.inversion import refine_wplus
+        from model.inversion import invert_wplus
 
         device = resolve_device(self.device)  # on the worker: auto = its own GPU if any
         G = load_generator_ref(self.generator, device)
@@ -133,9 +136,7 @@ class _STask(Staged):
         def forward(arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
             x = to_device(np.stack(arrays), device)
             x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # [B, 3, S, S] in [-1, 1]
-            with torch.no_grad():
-                wplus = enc(x)  # [B, L, W]
-            wplus = refine_wplus(G, x, wplus, *self.refine)
+            wplus = invert_wplus(G, enc, x, *self.refine)  # [B, L, W]
             with torch.no_grad():
                 s = G.w_to_s(wplus)  # [B, D]
             out = {"s": s.float().cpu().numpy()}

@@ -44,6 +44,7 @@ import torch
 
 from stages.common import ClipRef, E4ERef, ExecutionConfig, GeneratorRef, resolve_device
 from stages.config import require
+from stages.encode_s import NO_REFINE
 from stages.world.render import HELD_OUT_SYNONYMS, SYNONYMS
 
 FAMILIES: tuple[str, ...] = ("color", "shape", "background", "size")
@@ -152,7 +153,7 @@ class Models:
     e4e: Any | None = None
     mapper: Any | None = None
     relevance: Any | None = None  # stages.edit.Relevance
-    refine: tuple[int, float] = (0, 0.01)  # e4e's W+ refinement, as encode-s made the rows
+    refine: tuple[int, float] = NO_REFINE  # e4e's W+ refinement, as encode-s made the rows
 
 
 @torch.no_grad()
@@ -168,7 +169,7 @@ def clip_embed(clip: Any, images: np.ndarray, preprocessing: str) -> np.ndarray:
 
 
 def reconstruct_s(
-    e4e: Any, generator: Any, images: np.ndarray, refine: tuple[int, float] = (0, 0.01)
+    e4e: Any, generator: Any, images: np.ndarray, refine: tuple[int, float] = NO_REFINE
 ) -> np.ndarray:
     """uint8 [N, H, W, 3] -> S [N, D] through e4e (+ the store's refinement) + w_to_s, as
     encode-s does."""
@@ -486,7 +487,7 @@ def run(
     relevance = None
     if "global_direction" in cfg.methods and storefs.exists(cfg.relevance, so):
         relevance = load_relevance(cfg.relevance, so)
-    refine = tuple((src.attrs.get("inputs") or {}).get("refine") or (0, 0.01))
+    refine = tuple((src.attrs.get("inputs") or {}).get("refine") or NO_REFINE)
     models = Models(generator, clip, clip_ref.preprocessing, e4e, mapper, relevance, refine)
 
     metrics: dict[str, Any] = {"edits": {}, "targets": {k: list(v) for k, v in TARGETS.items()}}

@@ -23,6 +23,7 @@ import torch
 
 from model.inversion import invert_s
 from model.layout import LEVELS
+from stages.encode_s import NO_REFINE
 from stages.world.judge import judge_images
 from stages.world.render import WorldConfig, counterfactual, render_many, scenes, to_unit
 from stages.world.score import evaluate_edits, render_s
@@ -38,7 +39,7 @@ HELD_OUT_SEED_OFFSET = 1000
 
 
 def encode_s(
-    G: Any, E: Any, images: np.ndarray, batch: int = 256, refine: tuple[int, float] = (0, 0.01)
+    G: Any, E: Any, images: np.ndarray, batch: int = 256, refine: tuple[int, float] = NO_REFINE
 ) -> np.ndarray:
     """uint8 [N, R, R, 3] -> s [N, D] through the encoder (W+, refined as encode-s does with
     `encode_s.refine_steps`) and G.w_to_s."""
@@ -59,7 +60,7 @@ def s_space_report(
     world: WorldConfig,
     n_rows: int = 256,
     seed_offset: int = HELD_OUT_SEED_OFFSET,
-    refine: tuple[int, float] = (0, 0.01),
+    refine: tuple[int, float] = NO_REFINE,
 ) -> dict[str, Any]:
     """The oracle conv-only S edits of every family on `n_rows` held-out scenes, rows
     inverted as encode-s does (e4e, + `refine` = (steps, lr) of W+ refinement)."""
