@@ -95,6 +95,11 @@ class TrainConfig:
     # a finished mapper whose stores gained or lost rows since: false = keep it and say it is
     # stale (how many rows changed); true = train again (also `deltaedit train --retrain`)
     retrain: bool = False
+    # share of the pairs whose partner is one of the `near_k` rows nearest in CLIP space
+    # (store.sampler): an edit is a near pair, random pairs are far apart; 0 = DeltaEdit's
+    # random pairs only
+    near_pairs: float = 0.0
+    near_k: int = 32
 
     def validate(self) -> None:
         require(len(self.stores) >= 1, "stores", list(self.stores), "at least one store root")
@@ -119,6 +124,8 @@ class TrainConfig:
         require(self.prefetch >= 0, "prefetch", self.prefetch, "an integer >= 0")
         require(self.cpu_threads >= 0, "cpu_threads", self.cpu_threads, "an integer >= 0")
         require(self.channels in ("conv", "all"), "channels", self.channels, "conv or all")
+        require(0 <= self.near_pairs <= 1, "near_pairs", self.near_pairs, "a fraction in [0, 1]")
+        require(self.near_k >= 1, "near_k", self.near_k, "an integer >= 1")
         require(self.out.endswith(".safetensors"), "out", self.out, "a path ending .safetensors")
         for key in ("expect_clip_fingerprint", "expect_generator_fingerprint"):
             fp = getattr(self, key)
@@ -128,6 +135,9 @@ class TrainConfig:
         out = {k: _plain(getattr(self, k)) for k in TRAJECTORY_KEYS}
         if self.channels != "conv":  # conv (the default) keeps older states resumable
             out["channels"] = self.channels
+        if self.near_pairs:  # likewise: random pairs only (the default) adds no key
+            out["near_pairs"] = self.near_pairs
+            out["near_k"] = self.near_k
         return out
 
 
@@ -747,6 +757,8 @@ def _run(
             cfg.seed,
             sampler_budget(cfg, conv.size, data.clip_dim),
             s_columns=conv,
+            near_fraction=cfg.near_pairs,
+            near_k=cfg.near_k,
         )
     except StoreError as exc:
         raise TrainError(str(exc)) from None

@@ -15,6 +15,12 @@ i and j are drawn independently and uniformly over the union of all sources' row
   (K-1)/(N-1), so over a run (shard_i, shard_j) follows the product of the marginals: j is
   independent of i in expectation (pairs of one step share the resident set).
 
+Near pairs (`near_fraction` > 0): that share of the pairs gets, instead of its random j,
+one of the `near_k` rows whose c is closest to c_i (cosine), searched among the rows at
+hand: every row in "memory" mode, the resident shards in "sharded" mode, at most
+`NEAR_POOL` of them drawn at random per batch. An edit asks the mapper for a partner very
+near the source (one attribute changed); random pairs are nearly all far apart.
+
 Deterministic given the seed; `state_dict()` / `load_state_dict()` continue the exact
 same sequence in a resumed trainer.
 """
@@ -32,6 +38,7 @@ from store.status import Status
 
 _STATE_VERSION = 1
 _LOAD_FIXED_BYTES = 1 << 20
+NEAR_POOL = 8192  # rows searched for near partners per batch (a random subset beyond it)
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,15 @@ class PairSampler:
         s_columns: np.ndarray | None = None,
         pairs_per_rotation: int | None = None,
         force_mode: str | None = None,
+        near_fraction: float = 0.0,
+        near_k: int = 32,
     ) -> None:
+        if not 0.0 <= near_fraction <= 1.0:
+            raise StoreError(f"PairSampler near_fraction must be in [0, 1], got {near_fraction}")
+        if near_k < 1:
+            raise StoreError(f"PairSampler near_k must be >= 1, got {near_k}")
+        self.near_fraction = float(near_fraction)
+        self.near_k = int(near_k)
         if not sources:
             raise StoreError("PairSampler needs at least one source (a pair of s and c stores)")
         if batch_size < 1:
@@ -313,6 +328,8 @@ class PairSampler:
             }
         else:
             out, i, j = self._draw_sharded(b, return_index)
+        if self.near_fraction > 0:
+            j = self._near_partners(out, j)
         self._batches += 1
         if return_index:
             out["i"] = np.asarray(i, dtype=np.int64)
@@ -371,6 +388,52 @@ class PairSampler:
                 self._pairs_since = 0
                 self._rotate()
         return out, gi, gj
+
+    def _pool(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(s rows, c rows, flat [P], global [P]): the rows near partners come from are
+        s_rows[flat] / c_rows[flat], at global positions g (s gathered only for the picks)."""
+        if self.mode == "memory":
+            g = np.arange(self.n_rows, dtype=np.int64)
+            s_rows, c_rows = self._s_all, self._c_all
+            flat = g
+        else:
+            cap = self._s_buf.shape[1]
+            firsts = np.array([self._unit_list[x].first for x in self._slots], np.int64)
+            flat = np.concatenate(
+                [self._slot_buf[k] * cap + np.arange(n) for k, n in enumerate(self._counts)]
+            )
+            g = np.concatenate([firsts[k] + np.arange(n) for k, n in enumerate(self._counts)])
+            s_rows = self._s_buf.reshape(-1, self.s_dim)
+            c_rows = self._c_buf.reshape(-1, self.c_dim)
+        if g.size > NEAR_POOL:
+            pick = np.sort(self._rng.choice(g.size, NEAR_POOL, replace=False))
+            flat, g = flat[pick], g[pick]
+        return s_rows, c_rows, flat, g
+
+    def _near_partners(self, out: dict[str, np.ndarray], j: np.ndarray | None) -> np.ndarray | None:
+        """Give `near_fraction` of the pairs a partner among the near_k rows closest to c_i
+        (cosine; the row itself and exact duplicates, cosine >= 1 - 1e-6, left out)."""
+        near = np.flatnonzero(self._rng.random(self.batch_size) < self.near_fraction)
+        if near.size == 0:
+            return j
+        s_rows, c_rows, flat, g_pool = self._pool()
+        k = min(self.near_k, len(g_pool) - 1)
+        if k < 1:
+            return j
+        c_pool = c_rows[flat]  # [P, E]
+        unit = c_pool / np.maximum(np.linalg.norm(c_pool, axis=1, keepdims=True), 1e-8)
+        ci = out["c_i"][near]
+        ci = ci / np.maximum(np.linalg.norm(ci, axis=1, keepdims=True), 1e-8)
+        sim = ci @ unit.T  # [m, P]
+        sim[sim >= 1 - 1e-6] = -np.inf
+        top = np.argpartition(-sim, k - 1, axis=1)[:, :k]  # [m, k] the k nearest, any order
+        pick = top[np.arange(near.size), self._rng.integers(k, size=near.size)]
+        out["s_j"][near] = s_rows[flat[pick]]
+        out["c_j"][near] = c_pool[pick]
+        if j is not None:
+            j = np.array(j, copy=True)
+            j[near] = g_pool[pick]
+        return j
 
     def global_row(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(source index, store row) of global positions g (as returned in "i"/"j")."""

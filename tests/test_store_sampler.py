@@ -204,3 +204,55 @@ def test_local_store_gives_the_same_batches_as_memory(tmp_path) -> None:
             _, rows = local.global_row(x["i"])
             np.testing.assert_array_equal(x["s_i"], s_data[rows][:, cols])
             np.testing.assert_array_equal(x["c_i"], c_data[rows])
+
+
+def make_cloud_source(n: int, rps: int, seed: int) -> tuple[SamplerSource, np.ndarray]:
+    """c rows random directions in E dims, s row r = r in every column; returns c too."""
+    root = f"memory://{uuid.uuid4().hex}"
+    c_all = np.random.default_rng(seed).normal(size=(n, E)).astype(np.float32)
+    s = RowStore.create(f"{root}/s.zarr", n, rps, {"s": ArraySpec((D,), "float32")}, {})
+    c = RowStore.create(f"{root}/c.zarr", n, rps, {"embed": ArraySpec((E,), "float32")}, {})
+    for b in range(s.n_blocks):
+        sl = s.block_rows(b)
+        r = np.arange(sl.start, sl.stop, dtype=np.float32)[:, None]
+        s.write_block(b, {"s": np.tile(r, (1, D))}, np.full(r.size, Status.OK, np.uint8))
+        c.write_block(b, {"embed": c_all[sl]}, np.full(r.size, Status.OK, np.uint8))
+    return SamplerSource(s, "s", c, "embed", ok_rows(s, c)), c_all
+
+
+@pytest.mark.parametrize("budget", [10**8, 1_090_000])
+def test_near_pairs_take_partners_among_the_nearest_and_resume(budget: int) -> None:
+    src, c_all = make_cloud_source(400, 50, seed=0)
+    unit = c_all / np.linalg.norm(c_all, axis=1, keepdims=True)
+    near = PairSampler([src], 64, seed=3, memory_budget=budget, near_fraction=1.0, near_k=5)
+    plain = PairSampler([src], 64, seed=3, memory_budget=budget)
+    cos_near, cos_plain = [], []
+    for _ in range(12):
+        b = near.next_batch(return_index=True)
+        i, j = b["i"], b["j"]
+        assert (i != j).all()
+        np.testing.assert_array_equal(b["s_j"][:, 0], j)  # s, c and index name one row
+        np.testing.assert_array_equal(b["c_j"], c_all[j])
+        sim = unit[i] @ unit.T
+        if near.mode == "memory":  # every row is searched: j is one of the 5 nearest of i
+            sim[np.arange(len(i)), i] = -np.inf
+            rank = (sim > sim[np.arange(len(i)), j][:, None]).sum(1)
+            assert rank.max() < 5
+        cos_near.append((unit[i] * unit[j]).sum(1))
+        p = plain.next_batch(return_index=True)
+        cos_plain.append((unit[p["i"]] * unit[p["j"]]).sum(1))
+    assert np.mean(cos_near) > 0.8 > 0.2 > abs(np.mean(cos_plain))
+    # half near, half random; resumed from a saved state it continues the same pairs
+    half = PairSampler([src], 64, seed=4, memory_budget=budget, near_fraction=0.5, near_k=5)
+    for _ in range(5):
+        half.next_batch()
+    state = json.loads(json.dumps(half.state_dict()))
+    rest = [half.next_batch() for _ in range(8)]
+    again = PairSampler([src], 64, seed=4, memory_budget=budget, near_fraction=0.5, near_k=5)
+    again.load_state_dict(state)
+    for want in rest:
+        got = again.next_batch()
+        for key in ("s_i", "c_i", "s_j", "c_j"):
+            np.testing.assert_array_equal(got[key], want[key])
+    with pytest.raises(StoreError, match="near_fraction"):
+        PairSampler([src], 64, seed=0, memory_budget=budget, near_fraction=1.5)

@@ -11,6 +11,7 @@ from train_data import CLIP_FP, GEN_FP, TINY_LAYOUT, write_pair_store
 
 from model.layout import SLayout
 from model.mapper import load_mapper
+from stages.config import ConfigError
 from stages.train import TrainConfig, TrainError, make_cond, run
 from store import Status
 
@@ -106,6 +107,27 @@ def test_resume_refuses_other_train_params(stores, tmp_path):
         run(_cfg(stores, tmp_path, iterations=10, lr=0.1), resume=True, progress=False)
     with pytest.raises(TrainError, match="no training state"):
         run(_cfg(stores, tmp_path / "other", iterations=10), resume=True, progress=False)
+
+
+def test_near_pairs_train_other_pairs_resume_exactly_and_are_part_of_the_trajectory(
+    stores, tmp_path
+):
+    kw = dict(iterations=20, checkpoint_every=10, val_every=10, log_every=5)
+    plain = run(_cfg(stores, tmp_path / "plain", **kw), progress=False, log=lambda _: None)
+    near_kw = kw | {"near_pairs": 0.75, "near_k": 8}
+    near = run(_cfg(stores, tmp_path / "near", **near_kw), progress=False, log=lambda _: None)
+    assert near.losses != plain.losses  # other pairs: other losses from the first step
+    resumed = run(
+        _cfg(stores, tmp_path / "near", **(near_kw | {"iterations": 25})),
+        resume=True,
+        progress=False,
+        log=lambda _: None,
+    )
+    assert resumed.step == 25
+    with pytest.raises(TrainError, match="near_pairs"):  # a resume with random pairs only
+        run(_cfg(stores, tmp_path / "near", **(kw | {"iterations": 30})), resume=True)
+    with pytest.raises(ConfigError, match="near_pairs"):
+        TrainConfig(near_pairs=1.5).validate()
 
 
 def test_cond_is_normalized_image_and_direction():

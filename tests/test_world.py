@@ -1,5 +1,6 @@
 """The shapes world: renderer, captions, counterfactuals, the `world render` CLI, the judge."""
 
+import dataclasses
 import json
 import os
 
@@ -10,6 +11,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.params import ParamError, section
+from stages.config import ConfigError
 from stages.world.judge import (
     UNSCORABLE,
     JudgeCheckConfig,
@@ -26,6 +28,7 @@ from stages.world.render import (
     attribute_values,
     counterfactual,
     load_labels,
+    region_phrase,
     render,
     render_many,
     sample_caption,
@@ -109,6 +112,34 @@ def test_captions_are_true_and_never_use_held_out_words():
     assert not held & train_words
     assert zero_shot_prompts("color")["orange"] == "an orange shape"
     assert "azure" in zero_shot_prompts("color", held_out=True)["blue"]
+
+
+def test_position_words_name_where_the_shape_is_and_change_nothing_when_off():
+    cfg = WorldConfig(seed=0, position_words=1.0)
+    rows = [sample_scene(cfg, i) for i in range(200)]
+    off = [
+        sample_caption(s, np.random.default_rng(i), cfg.keep_attribute) for i, s in enumerate(rows)
+    ]
+    on = [
+        sample_caption(s, np.random.default_rng(i), cfg.keep_attribute, 1.0, cfg)
+        for i, s in enumerate(rows)
+    ]
+    regions = set()
+    for s, a, b in zip(rows, off, on, strict=True):
+        assert a.region is None and b.text.startswith(a.text) and b.fits(s), b.text
+        regions.add(b.region)
+        moved = dataclasses.replace(s, cx=32 - s.cx, cy=32 - s.cy)  # mirrored through the centre
+        assert b.fits(moved) == (b.region == ("", "")), b.text  # only "in the centre" still holds
+    assert {"at the top left", "on the right", "in the centre"} <= {
+        region_phrase(*r).strip() for r in regions
+    }
+    # the default draws nothing more: captions (and labels.json) are those of before
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    assert [sample_caption(s, rng_a).text for s in rows[:20]] == [
+        sample_caption(s, rng_b, 0.7, 0.0, cfg).text for s in rows[:20]
+    ]
+    with pytest.raises(ConfigError, match="position_words"):
+        WorldConfig(position_words=1.5).validate()
 
 
 @pytest.mark.parametrize(

@@ -143,6 +143,10 @@ class WorldConfig:
     color_jitter: int = 12  # per-channel offset U{-j..j} on the shape colour
     background_jitter: int = 6
     keep_attribute: float = 0.7  # probability a caption mentions each attribute
+    # probability a caption also says where the shape is ("at the top left", "in the
+    # centre"; thirds of the position jitter): 0 = never (captions as before); a CLIP
+    # trained with it encodes position, which captions of attributes alone leave out
+    position_words: float = 0.0
     out_dir: str = "data/world"
 
     def validate(self) -> None:
@@ -173,6 +177,12 @@ class WorldConfig:
         require(0 <= self.color_jitter <= 40, "color_jitter", self.color_jitter, "0..40")
         require(
             0 <= self.background_jitter <= 40, "background_jitter", self.background_jitter, "0..40"
+        )
+        require(
+            0 <= self.position_words <= 1,
+            "position_words",
+            self.position_words,
+            "a probability in [0, 1]",
         )
         require(
             0 < self.keep_attribute <= 1,
@@ -338,10 +348,35 @@ def from_unit(x: np.ndarray) -> np.ndarray:
 class Caption:
     text: str
     attributes: dict[str, str] = field(default_factory=dict)  # the ones it mentions
+    region: tuple[str, str] | None = None  # (vertical, horizontal) it names, see region_of
+    frame: tuple[float, int] = (4.0, 32)  # (position jitter, resolution) region is read in
 
     def fits(self, scene: Scene) -> bool:
         """True when everything the caption says is true of the scene."""
+        if self.region is not None and region_of(scene, *self.frame) != self.region:
+            return False
         return all(getattr(scene, a) == v for a, v in self.attributes.items())
+
+
+def region_of(scene: Scene, jitter: float, resolution: int = 32) -> tuple[str, str]:
+    """(vertical, horizontal) third of the position jitter the shape's centre lies in:
+    ("top" | "" | "bottom", "left" | "" | "right"); "" = the middle third."""
+    third = jitter / 3
+
+    def side(offset: float, low: str, high: str) -> str:
+        return low if offset < -third else high if offset > third else ""
+
+    c = resolution / 2
+    return side(scene.cy - c, "top", "bottom"), side(scene.cx - c, "left", "right")
+
+
+def region_phrase(vertical: str, horizontal: str) -> str:
+    """ " at the top left", " on the right", " in the centre"."""
+    if not vertical and not horizontal:
+        return " in the centre"
+    if not vertical:
+        return f" on the {horizontal}"
+    return f" at the {' '.join(w for w in (vertical, horizontal) if w)}"
 
 
 def _article(word: str) -> str:
@@ -367,9 +402,16 @@ def phrase(
     return tpl.format(a=_article(obj), obj=obj, bg=bg)
 
 
-def sample_caption(scene: Scene, rng: np.random.Generator, keep: float = 0.7) -> Caption:
+def sample_caption(
+    scene: Scene,
+    rng: np.random.Generator,
+    keep: float = 0.7,
+    position: float = 0.0,
+    world: WorldConfig | None = None,
+) -> Caption:
     """A caption true of the scene: each attribute kept with probability `keep` (at least
-    one), one of its training synonyms, a random template."""
+    one), one of its training synonyms, a random template; with probability `position`
+    (drawn only when > 0, so captions without it are unchanged) where the shape lies."""
     kept = [a for a in ATTRIBUTES if rng.random() < keep]
     if not kept:
         kept = [ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]]
@@ -384,6 +426,12 @@ def sample_caption(scene: Scene, rng: np.random.Generator, keep: float = 0.7) ->
         template=int(rng.integers(len(TEMPLATES))),
         bg_phrase=int(rng.integers(len(BG_PHRASES))),
     )
+    if position > 0 and rng.random() < position:
+        world = world or WorldConfig()
+        vertical, horizontal = region_of(scene, world.position_jitter, world.resolution)
+        text += region_phrase(vertical, horizontal)
+        frame = (world.position_jitter, world.resolution)
+        return Caption(text, attrs, (vertical, horizontal), frame)
     return Caption(text, attrs)
 
 
@@ -422,7 +470,13 @@ def run(cfg: WorldConfig, out_dir: str | Path | None = None, progress: bool = Tr
     rows = []
     for i in tqdm(range(cfg.n_images), desc="world render", disable=not progress, unit="img"):
         scene = sample_scene(cfg, i)
-        caption = sample_caption(scene, np.random.default_rng([cfg.seed, i, 1]), cfg.keep_attribute)
+        caption = sample_caption(
+            scene,
+            np.random.default_rng([cfg.seed, i, 1]),
+            cfg.keep_attribute,
+            cfg.position_words,
+            cfg,
+        )
         name = f"{row_id(i)}.png"
         Image.fromarray(render(scene, cfg)).save(out / name, optimize=False)
         rows.append(

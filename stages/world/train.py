@@ -398,7 +398,10 @@ def train_clip(
             group["lr"] = lr
         idx = torch.randint(len(train.images), (cfg.clip_batch,), generator=gen)
         batch_scenes = [train.scenes[i] for i in idx.tolist()]
-        captions = [sample_caption(s, rng, world.keep_attribute) for s in batch_scenes]
+        captions = [
+            sample_caption(s, rng, world.keep_attribute, world.position_words, world)
+            for s in batch_scenes
+        ]
         positives = fit_matrix(batch_scenes, captions).to(device)
         img = model.encode_image(clip.preprocess_images(train.images[idx], cfg.preprocessing))
         if text_features is not None:
