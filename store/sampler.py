@@ -430,8 +430,7 @@ class PairSampler:
         pick = top[np.arange(near.size), self._rng.integers(k, size=near.size)]
         out["s_j"][near] = s_rows[flat[pick]]
         out["c_j"][near] = c_pool[pick]
-        if j is not None:
-            j = np.array(j, copy=True)
+        if j is not None:  # a fresh array of this batch
             j[near] = g_pool[pick]
         return j
 

@@ -349,7 +349,8 @@ class Caption:
     text: str
     attributes: dict[str, str] = field(default_factory=dict)  # the ones it mentions
     region: tuple[str, str] | None = None  # (vertical, horizontal) it names, see region_of
-    frame: tuple[float, int] = (4.0, 32)  # (position jitter, resolution) region is read in
+    # (position jitter, resolution) the region is read in (sample_caption sets the world's)
+    frame: tuple[float, int] = (WorldConfig.position_jitter, WorldConfig.resolution)
 
     def fits(self, scene: Scene) -> bool:
         """True when everything the caption says is true of the scene."""
@@ -358,7 +359,7 @@ class Caption:
         return all(getattr(scene, a) == v for a, v in self.attributes.items())
 
 
-def region_of(scene: Scene, jitter: float, resolution: int = 32) -> tuple[str, str]:
+def region_of(scene: Scene, jitter: float, resolution: int) -> tuple[str, str]:
     """(vertical, horizontal) third of the position jitter the shape's centre lies in:
     ("top" | "" | "bottom", "left" | "" | "right"); "" = the middle third."""
     third = jitter / 3
