@@ -103,8 +103,9 @@ class Setup:
         self.c = self.c_store.read("embed", rows=self.rows).astype(np.float32)
         self.world, self.scenes = scenes_for_ids(self.labels, [str(self.ids[r]) for r in self.rows])
 
-    def score(self, method: str, alpha: float, beta: float, levels: tuple[str, ...]) -> dict:
-        """family -> {key: value} for one configuration (all edits of that family pooled)."""
+    def score(self, method: str, alpha: float, beta: float, levels: tuple[str, ...] | None) -> dict:
+        """family -> {key: value} for one configuration (all edits of that family pooled);
+        levels None = each edit's own levels (params)."""
         per_family: dict[str, list[dict]] = {f: [] for f in FAMILIES}
         for spec, (attribute, value) in self.edits:
             edit = ResolvedEdit(
@@ -115,12 +116,13 @@ class Setup:
                 alphas=tuple(a * alpha for a in spec.target_alphas),
                 neutral=spec.neutral,
                 beta=beta,
-                levels=levels,
+                levels=tuple(spec.levels) if levels is None else levels,
                 # the mapper form (mapped_delta): antisymmetric with the edit's mean_pull;
                 # the oracle follows the pipeline's edit.antisymmetric; else plain (1)
                 mean_pull=spec.mean_pull
                 if method == "antisymmetric" or (method == "oracle" and self.edit_cfg.antisymmetric)
                 else 1.0,
+                chord=self.edit_cfg.chord,
             )
             neutral = self.edit_cfg.neutral_for(edit)
             # the mapper moves its own channels (conv, or all with train.channels all)
@@ -199,7 +201,7 @@ def seed_runs(setup: Setup, seeds: tuple[int, ...]) -> None:
 
     print(
         f"\n== mapper training seeds {seeds} (train.iterations {setup.train_cfg.iterations}, "
-        f"stores {list(setup.train_cfg.stores)}; alpha 1, beta 0, all levels; each seed "
+        f"stores {list(setup.train_cfg.stores)}; alpha 1, beta 0, each edit's levels; each seed "
         "scored on its own held-out rows) =="
     )
     results = []
@@ -217,7 +219,7 @@ def seed_runs(setup: Setup, seeds: tuple[int, ...]) -> None:
             run_train(cfg, progress=False, log=lambda _: None)
             setup.use_mapper(cfg.out)
             method = "antisymmetric" if setup.edit_cfg.antisymmetric else "mapper"
-            fams = setup.score(method, 1.0, 0.0, LEVELS["all"])
+            fams = setup.score(method, 1.0, 0.0, None)
             results.append(fams)
             print(fmt_row(f"seed {seed} ({time.perf_counter() - t0:.0f} s)", fams))
     print(f"mean +- std over seeds {seeds}:")

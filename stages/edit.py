@@ -90,10 +90,20 @@ def level_mask(layout: SLayout, levels: Sequence[str]) -> torch.Tensor:
     return mask
 
 
-def mapper_condition(c: torch.Tensor, delta_t: torch.Tensor) -> torch.Tensor:
-    """Mapper condition [B, 2E] = [normalize(c) || normalize(delta_t)] for image embeddings c."""
+def mapper_condition(c: torch.Tensor, delta_t: torch.Tensor, chord: float = 0.0) -> torch.Tensor:
+    """Mapper condition [B, 2E] = [normalize(c) || d] for image embeddings c [B, E].
+
+    chord 0: d = normalize(delta_t), the same for every row (the official inference).
+    chord > 0: d = normalize(c_t - normalize(c)) with c_t = normalize(normalize(c) + chord *
+    normalize(delta_t)), the chord of the unit sphere from each row's embedding to the one the
+    text delta points at. The mapper was trained on such chords between image embeddings,
+    whose direction also says how far the partner is (a chord's angle to the sphere grows
+    with its length); the bare text direction, not tangent at c, reads to it as a far partner.
+    """
     c_hat = normalize(c.float())
     d_hat = normalize(delta_t.float().to(c.device)).expand_as(c_hat)
+    if chord > 0:
+        d_hat = normalize(normalize(c_hat + chord * d_hat) - c_hat)
     return torch.cat([c_hat, d_hat], dim=1)
 
 
@@ -108,6 +118,7 @@ class TargetDelta:
     # share of the direction-free part kept (mapped_delta): 1 = the plain mapper output,
     # 0 = antisymmetric
     mean_pull: float = 1.0
+    chord: float = 0.0  # the text delta as a chord from each row's embedding (mapper_condition)
 
     def scale(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
         """alpha * mask [Dconv] on device (None when it is all ones: nothing to multiply)."""
@@ -126,6 +137,7 @@ def mapped_delta(
     s_conv: torch.Tensor,
     cond: torch.Tensor,
     mean_pull: float = 1.0,
+    flipped: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(M(d) - M(-d)) / 2 + mean_pull * (M(d) + M(-d)) / 2 [B, Dconv], M(d) =
     mapper(s, [c || d]): mean_pull 1 is the plain output M(d) (one pass, the official
@@ -136,12 +148,14 @@ def mapped_delta(
     the source, so every predicted delta also pulls s toward the dataset mean (shapes
     drift to the centre, other attributes fade). The difference of the two opposite
     directions keeps the part that is odd in d and cancels that pull; `mean_pull` keeps
-    that share of the even part.
+    that share of the even part. `flipped` is the condition of -d (None: cond with its
+    second half negated; a chord condition passes its own, mapper_condition of -delta_t).
     """
     if mean_pull == 1.0:
         return mapper(s_conv, cond)
-    e = cond.shape[1] // 2
-    flipped = torch.cat([cond[:, :e], -cond[:, e:]], dim=1)
+    if flipped is None:
+        e = cond.shape[1] // 2
+        flipped = torch.cat([cond[:, :e], -cond[:, e:]], dim=1)
     # (a - b) / 2 + k (a + b) / 2 = ((1 + k) a - (1 - k) b) / 2
     return mapper(s_conv, cond) * (0.5 + 0.5 * mean_pull) - mapper(s_conv, flipped) * (
         0.5 - 0.5 * mean_pull
@@ -158,8 +172,11 @@ def mapper_delta(
     target's mean_pull (1 = the plain mapper(s_conv, cond_k))."""
     total = None
     for t in targets:
-        cond = mapper_condition(c, t.delta_t)
-        d = mapped_delta(mapper, s_conv, cond, t.mean_pull).float()  # targets summed in fp32
+        cond = mapper_condition(c, t.delta_t, t.chord)
+        flipped = None
+        if t.chord > 0 and t.mean_pull != 1.0:
+            flipped = mapper_condition(c, -t.delta_t, t.chord)
+        d = mapped_delta(mapper, s_conv, cond, t.mean_pull, flipped).float()  # summed in fp32
         scale = t.scale(d.device, d.dtype)
         if total is None:
             total = d if scale is None else d * scale
@@ -293,6 +310,7 @@ class ResolvedEdit:
     beta: float
     levels: tuple[str, ...]
     mean_pull: float = 1.0  # the form applied: 1 = plain, below 1 = antisymmetric (resolved)
+    chord: float = 0.0  # edit.chord (resolved)
 
 
 @dataclass(frozen=True)
@@ -334,6 +352,10 @@ class EditConfig:
     # mapper method: delta_s = (M(s, [c, d]) - M(s, [c, -d])) / 2 (see mapped_delta);
     # false = the mapper's output as is (the official DeltaEdit inference)
     antisymmetric: bool = False
+    # mapper method: 0 = the text delta is the mapper's direction for every row (official);
+    # > 0 = each row gets the chord from its embedding c toward normalize(c + chord * delta_t),
+    # the kind of image delta the mapper was trained on (mapper_condition)
+    chord: float = 0.0
     dtype: str = "float32"  # how edits store s': float32 | float16 | bfloat16 (half the bytes)
     # remove the stores this stage wrote under out_dir for edits no longer listed (a
     # persisted out_dir then holds what a from-scratch run makes); `--target` turns it off
@@ -341,6 +363,15 @@ class EditConfig:
 
     def validate(self) -> None:
         require(self.dtype in FLOAT_DTYPES, "dtype", self.dtype, " | ".join(FLOAT_DTYPES))
+        ok = isinstance(self.chord, (int, float)) and math.isfinite(self.chord)
+        require(
+            ok and 0 <= self.chord <= ALPHA_LIMIT,
+            "chord",
+            self.chord,
+            f"a number in [0, {ALPHA_LIMIT:g}] (0 = the text direction as is)",
+        )
+        if self.chord > 0:
+            require(self.method == "mapper", "chord", self.chord, "0 unless edit.method is mapper")
         names: set[str] = set()
         for i, spec in enumerate(self.edits):
             spec.check(f"edits[{i}]")
@@ -366,7 +397,9 @@ class EditConfig:
         """The edits to run, each with the mapper form it applies: its mean_pull with
         edit.antisymmetric, 1 (the plain output) without."""
         return [
-            r if self.antisymmetric else replace(r, mean_pull=1.0)
+            replace(
+                r, chord=float(self.chord), **({} if self.antisymmetric else {"mean_pull": 1.0})
+            )
             for spec in self.edits
             for r in spec.expand()
         ]
@@ -492,7 +525,7 @@ def prepare_targets(
                 keep = conv_keep
             else:
                 keep[conv_pos] = conv_keep
-        out.append(TargetDelta(prompt, dt, float(alpha), keep & lv, edit.mean_pull))
+        out.append(TargetDelta(prompt, dt, float(alpha), keep & lv, edit.mean_pull, edit.chord))
     return out
 
 
@@ -792,6 +825,8 @@ def _edit(
             attrs["precision"] = execution.precision
         if cfg.dtype != "float32":  # part of the fingerprint: dtypes are never mixed
             attrs["dtype"] = cfg.dtype
+        if edit.chord > 0 and mapper is not None:  # recorded only when on (fingerprints as before)
+            attrs["chord"] = edit.chord
         attrs["fingerprint"] = edit_fingerprint(attrs)
         url = edit_url(cfg, edit)
         spec = {"s": ArraySpec((layout.dim,), cfg.dtype)}

@@ -67,6 +67,37 @@ def test_mapper_condition_normalizes_both_halves():
     assert torch.allclose(cond[:, 2:], torch.tensor([[0.0, -1.0], [0.0, -1.0]]))
 
 
+def test_chord_condition_points_from_each_row_to_the_text_target():
+    torch.manual_seed(0)
+    c, dt = torch.randn(6, 5), torch.randn(5)
+    assert torch.equal(mapper_condition(c, dt, 0.0), mapper_condition(c, dt))
+    cond = mapper_condition(c, dt, 0.3)
+    c_hat = c / c.norm(dim=1, keepdim=True)
+    assert torch.allclose(cond[:, :5], c_hat)
+    target = c_hat + 0.3 * unit(dt)
+    chord = target / target.norm(dim=1, keepdim=True) - c_hat  # to the point on the sphere
+    assert torch.allclose(cond[:, 5:], chord / chord.norm(dim=1, keepdim=True), atol=1e-6)
+    # rows differ (the plain condition is one direction for all); a short chord is nearly
+    # tangent at c, a long one turns inward
+    assert not torch.allclose(cond[0, 5:], cond[1, 5:], atol=1e-3)
+    inward = [float((mapper_condition(c, dt, k)[:, 5:] * c_hat).sum(1).mean()) for k in (0.05, 2)]
+    assert abs(inward[0]) < 0.05 and inward[1] < -0.3
+
+
+def test_chord_is_checked_and_only_for_the_mapper():
+    spec = EditSpec(name="tri", target="triangle")
+    EditConfig(edits=(spec,), chord=0.2).validate()
+    for bad in (-0.1, math.inf, 20.0):
+        with pytest.raises(ConfigError) as err:
+            EditConfig(edits=(spec,), chord=bad).validate()
+        assert err.value.key == "chord"
+    with pytest.raises(ConfigError) as err:
+        EditConfig(edits=(spec,), chord=0.2, method="global-direction").validate()
+    assert err.value.key == "chord" and "mapper" in err.value.expected
+    (r,) = EditConfig(edits=(spec,), chord=0.2).resolved()
+    assert r.chord == 0.2 and r.mean_pull == 1.0
+
+
 class LinearMapper(torch.nn.Module):
     """delta_s = A s + B cond: linear, so compositions can be checked exactly."""
 
@@ -352,6 +383,42 @@ def test_edit_stage_antisymmetric_matches_the_math_and_is_recorded(dataset, tmp_
     want[:, idx] += d.numpy()
     np.testing.assert_allclose(out.read("s")[ok], want, atol=1e-5)
     assert np.abs(outs[False].read("s")[ok] - want).max() > 1e-4
+
+
+def test_edit_stage_chord_matches_the_math_and_is_recorded(dataset, tmp_path):
+    import numpy as np
+
+    from stages.common import ExecutionConfig
+    from stages.edit import run
+    from store import RowStore, Status, store_url
+
+    spec = EditSpec("smile", "smiling face", alpha=1.0, beta=0.0)
+    ex = ExecutionConfig(device="cpu", batch_size=5)
+    outs = {}
+    for chord, anti in ((0.0, False), (0.25, False), (0.25, True)):
+        cfg = edit_config(dataset, tmp_path / f"{chord}{anti}", edits=(spec,))
+        cfg = EditConfig(**{**cfg.__dict__, "chord": chord, "antisymmetric": anti})
+        (res,) = run(cfg, ex, clip=dataset["clip"], progress=False, log=lambda _: None)
+        outs[chord, anti] = RowStore.open(res.url)
+    assert "chord" not in outs[0.0, False].attrs  # off: provenance (and fingerprint) as before
+    assert outs[0.25, False].attrs["chord"] == 0.25
+    fps = {o.attrs["fingerprint"] for o in outs.values()}
+    assert len(fps) == 3
+    ok = np.flatnonzero(outs[0.25, False].status() == Status.OK)
+    s = RowStore.open(store_url(str(dataset["root"]), "s")).read("s")
+    c = RowStore.open(store_url(str(dataset["root"]), "clip")).read("embed")
+    idx = dataset["G"].layout.conv_index()
+    clip, m = dataset["clip"], dataset["mapper"]
+    dt = text_delta(clip.encode_text(["smiling face"])[0], clip.encode_text(["face"])[0])
+    with torch.no_grad():
+        s_conv, cc = torch.as_tensor(s[ok][:, idx]), torch.as_tensor(c[ok])
+        plain = m(s_conv, mapper_condition(cc, dt, 0.25))
+        anti = (plain - m(s_conv, mapper_condition(cc, -dt, 0.25))) / 2
+    for key, d in (((0.25, False), plain), ((0.25, True), anti)):
+        want = s[ok].copy()
+        want[:, idx] += d.numpy()
+        np.testing.assert_allclose(outs[key].read("s")[ok], want, atol=1e-5)
+    assert np.abs(outs[0.0, False].read("s")[ok] - outs[0.25, False].read("s")[ok]).max() > 1e-4
 
 
 def test_edit_stage_matches_the_math_and_skips_rows(dataset, tmp_path):

@@ -13,10 +13,13 @@ from model.clip import load_clip, register_config
 from model.e4e import E4EConfig, load_e4e
 from model.stylegan2 import GeneratorConfig, load_generator
 from pipeline.cli import main
-from stages.world.render import WorldConfig, sample_caption, sample_scene, scenes
+from stages.world.render import SYNONYMS, WorldConfig, sample_caption, sample_scene, scenes
 from stages.world.train import (
     HELD_OUT_SEED_OFFSET,
     WorldTrainConfig,
+    delta_alignment,
+    delta_alignment_loss,
+    delta_captions,
     fit_matrix,
     make_data,
     multi_positive_infonce,
@@ -118,6 +121,50 @@ def test_clip_loss_decreases_in_a_few_steps():
     assert set(acc) == {"shape", "color", "background", "size"}
 
 
+def test_delta_captions_say_the_new_value_and_differ_only_in_it():
+    world = WorldConfig(seed=0)
+    rng = np.random.default_rng(0)
+    forms = set()
+    for i in range(40):
+        sc = sample_scene(world, i)
+        said, other = delta_captions(sc, "color", "blue", rng, keep=0.7)
+        assert "blue" in said or "navy" in said
+        words = set(said.split()) ^ set(other.split())
+        if sc.color in ("blue",):
+            continue
+        # the other caption leaves the colour unsaid or names the scene's own colour
+        own = set(SYNONYMS["color"][sc.color])
+        assert words - {"blue", "navy", "a", "an"} <= own, (said, other)
+        forms.add(bool(words & own))
+    assert forms == {True, False}  # both forms of a prompt pair occur
+
+
+def test_delta_alignment_term_aligns_image_and_text_deltas():
+    e = torch.randn(8, 16)
+    d = torch.randn(8, 16)
+    assert delta_alignment_loss(e, e + d, e + d, e).item() == pytest.approx(0.0, abs=1e-5)
+    assert delta_alignment_loss(e, e + d, e - d, e).item() > 1.5  # opposite directions
+    world = WorldConfig(seed=2)
+    data = make_data(world, 64)
+    common = dict(
+        clip_iterations=30,
+        clip_batch=16,
+        clip_lr=3e-3,
+        clip_max_minutes=0,
+        clip_name="world-clip-test",
+        clip_delta_pairs=16,
+        clip_delta_scenes=64,
+    )
+    clip, log = train_clip(WorldTrainConfig(clip_delta=2.0, **common), world, data, False)
+    assert log["delta_loss_last"] < log["delta_loss_first"], log
+    plain, plain_log = train_clip(WorldTrainConfig(**common), world, data, False)
+    assert "delta_loss_last" not in plain_log
+    aligned = delta_alignment(clip, data, world, "deltaedit", n=32)
+    before = delta_alignment(plain, data, world, "deltaedit", n=32)
+    assert set(aligned) == {"shape", "color", "background", "size"}
+    assert np.mean(list(aligned.values())) > np.mean(list(before.values())), (aligned, before)
+
+
 def test_multi_positive_targets_count_every_fitting_caption():
     world = WorldConfig(seed=0)
     sc = [sample_scene(world, i) for i in range(6)]
@@ -143,6 +190,8 @@ def test_multi_positive_targets_count_every_fitting_caption():
         (["world_train.ae_grad_l1=-0.5"], "world_train.ae_grad_l1: got -0.5"),
         (["world_train.ae_torgb_styles=frozen"], "world_train.ae_torgb_styles: got 'frozen'"),
         (["world_train.device=tpu"], "world_train.device: got 'tpu'"),
+        (["world_train.clip_delta=-1"], "world_train.clip_delta: got -1"),
+        (["world_train.clip_delta_pairs=0"], "world_train.clip_delta_pairs: got 0"),
         (
             ["world_train.ae_cf_sparsity=0.1", "world_train.ae_batch=1"],
             "world_train.ae_batch: got 1, expected an integer >= 2 with pairs",
@@ -182,6 +231,25 @@ def test_committed_world_models_load_and_reach_their_recorded_metrics():
         assert acc[a] >= recorded - 0.05, (a, acc[a], recorded)
     assert min(acc.values()) >= 0.9
     assert scenes(world, 0, 1)[0] == data.scenes[0]
+
+
+def test_committed_delta_clip_aligns_text_and_image_deltas_on_fresh_scenes():
+    """clip-delta (clip-pos continued with the delta term): recorded fingerprint, zero-shot
+    as before, and text deltas closer to the image deltas than clip-pos's on every
+    attribute, on a world seed no training used."""
+    metrics = _metrics()
+    delta = load_clip(str(WEIGHTS / "clip-delta.safetensors"))
+    pos = load_clip(str(WEIGHTS / "clip-pos.safetensors"))
+    assert delta.fingerprint == metrics["clip_delta"]["fingerprint"]
+    assert metrics["clip_delta"]["train_config"]["clip_delta"] > 0
+    world = WorldConfig(seed=metrics["world"]["seed"] + 7 * HELD_OUT_SEED_OFFSET)
+    data = make_data(world, 96)
+    acc = zero_shot_accuracy(delta, data.images, data.scenes)
+    assert min(acc.values()) >= 0.9, acc
+    aligned = delta_alignment(delta, data, world, "deltaedit", n=96)
+    before = delta_alignment(pos, data, world, "deltaedit", n=96)
+    for a in aligned:
+        assert aligned[a] > before[a] + 0.05, (a, aligned, before)
 
 
 def test_world_train_cli_writes_weights_and_metrics(tmp_path):

