@@ -257,6 +257,8 @@ def edit_title(name: str, attrs: dict) -> list[str]:
     if attrs.get("antisymmetric"):
         pull = attrs.get("mean_pull") or 0.0
         method = f"{method} (antisymmetric{f', mean pull {pull:g}' if pull else ''})"
+    if attrs.get("chord"):
+        method = f"{method}, chord {attrs['chord']:g}"
     return [
         f"{name}: target {prompt}, neutral '{attrs.get('neutral')}'",
         f"beta {attrs.get('beta')}, levels {'/'.join(attrs.get('levels', []))}, method {method}",

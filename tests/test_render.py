@@ -80,6 +80,8 @@ def test_contact_sheet_writes_title_and_pairs():
     assert "method mapper (antisymmetric)" in anti[1]
     pulled = edit_title("smile", attrs | {"antisymmetric": True, "mean_pull": 0.25})
     assert "method mapper (antisymmetric, mean pull 0.25)" in pulled[1]
+    assert "method mapper, chord 0.2" in edit_title("smile", attrs | {"chord": 0.2})[1]
+    assert "chord" not in title[1]
     before, after = [image(0), image(1)], [image(2), image(3)]
     sheet = contact_sheet(before, after, title, ["a", "b"], tile=64)
     blank = contact_sheet(before, after, [], [], tile=64)
