@@ -198,16 +198,23 @@ def bench_render(tmp: Path, n: int, batch: int, repeats: int, device: str) -> No
     stub = null_generator(G, real)
 
     (tmp / "no-edits").mkdir()
+    calls = iter(range(1_000_000))
 
     def stage(generator) -> Callable[[], None]:
-        cfg = RenderConfig(
-            store=str(ds),
-            edits_dir=str(tmp / "no-edits"),
-            out_dir=str(tmp / "renders"),
-            sheet_rows=1,
-            gallery_rows=1,
-        )
-        return lambda: run_render(cfg, gref, ex, generator=generator, progress=False, log=print0)
+        def call() -> None:
+            # a fresh out_dir each call: render is incremental, and a folder it already
+            # filled would be kept, not rendered again
+            out = tmp / f"renders-{next(calls)}"
+            cfg = RenderConfig(
+                store=str(ds),
+                edits_dir=str(tmp / "no-edits"),
+                out_dir=str(out),
+                sheet_rows=1,
+                gallery_rows=1,
+            )
+            run_render(cfg, gref, ex, generator=generator, progress=False, log=print0)
+
+        return call
 
     fns = {
         "stage": stage(G),

@@ -13,7 +13,9 @@ extra object inside a group as a foreign member, and `RowStore.create(mode="over
 wipes the group's prefix while the pass that overwrites it must keep its lease.
 
 Taking it: read the object; a live holder means refusal (`LeaseHeld`, one line naming the
-holder); absent, stale or broken (`break_lease`) means write our own lease, wait
+holder); absent on a local disk means an exclusive create (a hard link of a complete temp
+file: of two passes exactly one creates it, the other refuses, with no wait); absent on
+object storage, stale or broken (`break_lease`) means write our own lease, wait
 `SETTLE_SECONDS`, re-read it and compare the token (checked re-read: of two passes that
 wrote at the same time exactly one reads its own token back; the other refuses). Stale:
 the holder's pid is dead on this host, or its heartbeat is older than `timeout_minutes`.
@@ -234,10 +236,15 @@ def _acquire(
         pass_name=pass_name,
         token=uuid.uuid4().hex,
     )
-    created = _make_parents(path) if isinstance(fs, LocalFileSystem) else []
-    _write(fs, path, mine)
-    time.sleep(SETTLE_SECONDS)
-    back = _read(fs, path)
+    local = isinstance(fs, LocalFileSystem)
+    created = _make_parents(path) if local else []
+    # a free lease on a local disk: an exclusive create decides at once (no settle wait);
+    # object storage, a takeover, or a disk without hard links: the checked re-read
+    alone = _create_exclusive(path, mine) if local and current is None else None
+    if alone is None:
+        _write(fs, path, mine)
+        time.sleep(SETTLE_SECONDS)
+    back = mine if alone else _read(fs, path)
     if not isinstance(back, LeaseInfo) or back.token != mine.token:
         if isinstance(back, LeaseInfo):
             raise LeaseHeld(_held_line(store_url, back, time.time()))
@@ -320,6 +327,24 @@ def _write(fs: Any, path: str, info: LeaseInfo) -> None:
         os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)
+
+
+def _create_exclusive(path: str, info: LeaseInfo) -> bool | None:
+    """Create the lease file only if none exists (a hard link of a complete temp file:
+    atomic, and exclusive across processes): True = ours, False = another pass created it
+    first, None = this file system has no hard links (the caller falls back)."""
+    tmp = f"{path}.{uuid.uuid4().hex}.partial"
+    with open(tmp, "wb") as f:
+        f.write(info.to_json())
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # EPERM / ENOTSUP: links not supported here
+        return None
+    finally:
+        os.unlink(tmp)
 
 
 def _owner() -> str:

@@ -91,6 +91,29 @@ def test_two_threads_racing_for_a_free_lease_one_wins(tmp_path: Path) -> None:
         assert read_lease(store) is None
 
 
+def test_a_free_local_lease_is_created_exclusively_without_the_settle_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every pass takes up to three leases: on a local disk a free one costs no wait (the
+    exclusive create decides), a takeover still waits and re-reads; no temp file is left."""
+    import store.lease as lease_mod
+
+    waits: list[float] = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(lease_mod.time, "sleep", lambda s: (waits.append(s), real_sleep(s)))
+    store = tmp_path / "clip.zarr"
+    with hold_lease(str(store), "encode-clip"):
+        assert read_lease(str(store)).pass_name == "encode-clip"
+    assert lease_mod.SETTLE_SECONDS not in waits
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _fake_lease(store, dead.pid, heartbeat_ago=1.0)
+    with hold_lease(str(store), "encode-clip"):
+        pass
+    assert lease_mod.SETTLE_SECONDS in waits
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_stale_leases_are_taken_over_with_a_note(tmp_path: Path) -> None:
     store = tmp_path / "clip.zarr"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
