@@ -8,6 +8,7 @@ mapper's held-out rows; nothing under data/ is written (the seed runs train into
     .venv/bin/python bench/world_ablation.py            # one factor at a time + 3 seeds
     .venv/bin/python bench/world_ablation.py --full     # the full alpha x beta x levels grid
     .venv/bin/python bench/world_ablation.py --quick    # 16 rows, no seed runs
+    .venv/bin/python bench/world_ablation.py --seeds-only --precision bf16  # scores under bf16
 
 Prints, per family (color, shape, background, size): target reached / all others kept /
 PSNR vs the counterfactual (dB) / centroid drift (px).
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from model.layout import SLayout  # noqa: E402
 from pipeline.params import load_params, section  # noqa: E402
-from stages.common import ClipRef, GeneratorRef  # noqa: E402
+from stages.common import ClipRef, ExecutionConfig, GeneratorRef, autocast  # noqa: E402
 from stages.edit import (  # noqa: E402
     EditConfig,
     ResolvedEdit,
@@ -58,6 +59,8 @@ from store import RowStore  # noqa: E402
 LEVELS = {
     "all": ("coarse", "medium", "fine"),
     "coarse+medium": ("coarse", "medium"),
+    "coarse": ("coarse",),
+    "medium": ("medium",),
     "fine": ("fine",),
 }
 ALPHAS = (0.5, 1.0, 2.0)
@@ -70,8 +73,15 @@ KEYS = ("target_reached", "all_others_kept", "psnr_vs_counterfactual", "centroid
 class Setup:
     """The default pipeline's stores and models, loaded once."""
 
-    def __init__(self, params_path: str, n_rows: int, mapper_path: str | None = None):
+    def __init__(
+        self,
+        params_path: str,
+        n_rows: int,
+        mapper_path: str | None = None,
+        precision: str = "fp32",
+    ):
         params = load_params(params_path)
+        self.precision = precision  # execution.precision of the mapper and the renders
         self.edit_cfg = section(params, "edit", EditConfig)
         self.train_cfg = section(params, "train", TrainConfig)
         self.clip_ref = section(params, "clip", ClipRef)
@@ -145,12 +155,15 @@ class Setup:
                 pull = edit.mean_pull
                 s_edit = oracle_s(self.mapper, self.s, self.c, c_true, self.layout, pull)
             elif method in ("mapper", "antisymmetric"):
-                s_edit = edit_rows(self.s, self.c, targets, work, self.mapper, None, 64)
+                s_edit = edit_rows(
+                    self.s, self.c, targets, work, self.mapper, None, 64, precision=self.precision
+                )
             else:
                 s_std = torch.as_tensor(self.rel.s_std[self.layout.conv_index()])
                 gd = global_direction_delta(self.rel.directions, s_std, targets)
                 s_edit = edit_rows(self.s, None, targets, self.layout, None, gd, 64)
-            rep = evaluate_edits(self.scenes, s_edit, attribute, value, self.G, self.world)
+            with autocast("cpu", self.precision):  # the edited rows rendered in that dtype
+                rep = evaluate_edits(self.scenes, s_edit, attribute, value, self.G, self.world)
             per_family[attribute].append(rep)
         out = {}
         for fam, reps in per_family.items():
@@ -202,7 +215,7 @@ def seed_runs(setup: Setup, seeds: tuple[int, ...]) -> None:
     print(
         f"\n== mapper training seeds {seeds} (train.iterations {setup.train_cfg.iterations}, "
         f"stores {list(setup.train_cfg.stores)}; alpha 1, beta 0, each edit's levels; each seed "
-        "scored on its own held-out rows) =="
+        f"scored on its own held-out rows; precision {setup.precision}) =="
     )
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -216,7 +229,8 @@ def seed_runs(setup: Setup, seeds: tuple[int, ...]) -> None:
                     "metrics_dir": f"{tmp}/metrics_{seed}",
                 }
             )
-            run_train(cfg, progress=False, log=lambda _: None)
+            ex = ExecutionConfig(device="cpu", precision=setup.precision)
+            run_train(cfg, ex, progress=False, log=lambda _: None)
             setup.use_mapper(cfg.out)
             method = "antisymmetric" if setup.edit_cfg.antisymmetric else "mapper"
             fams = setup.score(method, 1.0, 0.0, None)
@@ -239,9 +253,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="16 rows, no seed runs")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--seeds-only", action="store_true", help="only the mapper seed runs")
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="execution.precision of the mapper's training steps, the edits and the scored renders",
+    )
     args = ap.parse_args()
     t0 = time.perf_counter()
-    setup = Setup(args.params, 16 if args.quick else args.n_rows)
+    setup = Setup(args.params, 16 if args.quick else args.n_rows, precision=args.precision)
     print(
         f"== ablation on {len(setup.rows)} {setup.where} rows of {setup.edit_cfg.store}; "
         f"edits {[s.name for s, _ in setup.edits]} =="

@@ -37,13 +37,19 @@ class ExecutionConfig:
     storage_backoff_s: float = 0.2  # first wait before a retry (doubles each time)
     worker_resources: dict[str, float] = field(default_factory=dict)  # {} = none requested
     # compute dtype of the mapper (edit, train) and the generator (render, sample, relevance):
-    # fp32, or bf16 autocast (AMX / AVX512-BF16 CPUs, GPUs); stored values stay float32
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # fp32, bf16 autocast, or auto = bf16 where bf16 matmuls are fast (fast_bf16), resolved
+    # here once for the run (the resolved value is what runs and what provenance records);
+    # stored values stay float32
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     compile: bool = False  # torch.compile the generator's synthesis (CUDA graphs on a GPU)
+
+    def __post_init__(self) -> None:
+        if self.precision == "auto":
+            object.__setattr__(self, "precision", resolve_precision("auto", self.device))
 
     def validate(self) -> None:
         check_device(self.device)
-        require(self.precision in PRECISIONS, "precision", self.precision, "fp32 or bf16")
+        require(self.precision in PRECISIONS, "precision", self.precision, "fp32, bf16 or auto")
         require(self.workers >= 1, "workers", self.workers, "an integer >= 1")
         require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         ok = self.lease_timeout > 0
@@ -90,7 +96,37 @@ class ExecutionConfig:
         )
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16")  # what runs; params may also say "auto" (resolve_precision)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags of this host (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def fast_bf16(device: str) -> bool:
+    """Whether bf16 compute pays on `device`, as measured (BENCHMARKS.md): a CUDA GPU with
+    bf16, or a CPU with AMX tiles (amx_bf16: the official-size mapper 3.96x fp32). A CPU
+    with AVX512-BF16 alone is not (0.79x there), nor one without either."""
+    if device.startswith("cuda"):
+        import torch
+
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return "amx_bf16" in cpu_flags()
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """execution.precision as it runs: auto = bf16 where fast_bf16(device), else fp32."""
+    if precision != "auto":
+        return precision
+    return "bf16" if fast_bf16(resolve_device(device)) else "fp32"
 
 
 def autocast(device: str, precision: str) -> Any:

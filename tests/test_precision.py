@@ -62,6 +62,24 @@ def test_bf16_edit_through_the_cli_is_within_the_measured_tolerance_of_fp32(data
     assert bf16.attrs["fingerprint"] != fp32.attrs["fingerprint"]
 
 
+@pytest.mark.parametrize("flags", [{"avx512f", "amx_tile", "amx_bf16"}, {"avx512f", "avx512_bf16"}])
+def test_auto_precision_is_bf16_only_where_bf16_matmuls_are_fast(
+    dataset, tmp_path, monkeypatch, flags
+):
+    """precision auto follows the measurement: bf16 on an AMX CPU, fp32 on one with only
+    AVX512-BF16 (slower there); the edit records what ran and equals that explicit run."""
+    import stages.common
+
+    monkeypatch.setattr(stages.common, "cpu_flags", lambda: set(flags))
+    want = "bf16" if "amx_bf16" in flags else "fp32"
+    assert ExecutionConfig(device="cpu", precision="auto").precision == want
+    auto = _edit(dataset, tmp_path / "auto", "auto")
+    explicit = _edit(dataset, tmp_path / want, want)
+    assert auto.attrs.get("precision", "fp32") == want
+    assert auto.attrs["fingerprint"] == explicit.attrs["fingerprint"]
+    assert np.array_equal(auto.read("s"), explicit.read("s"))
+
+
 @pytest.mark.parametrize("value", ["fp16", "float32", "1"])
 def test_invalid_precision_is_one_line(dataset, tmp_path, value):
     args = ("--set", f"execution.precision={value}", "--target", "a smiling face")

@@ -52,7 +52,7 @@ def render_s(generator: torch.nn.Module, s: np.ndarray, batch: int = 128) -> np.
     """S codes [N, D] -> uint8 images [N, H, W, 3] (generator output clamped to [-1, 1])."""
     t = torch.as_tensor(np.asarray(s, np.float32))
     out = [
-        generator.synthesize(t[i : i + batch], noise_mode="const").cpu().numpy()
+        generator.synthesize(t[i : i + batch], noise_mode="const").float().cpu().numpy()
         for i in range(0, len(t), batch)
     ]
     return from_unit(np.concatenate(out))
