@@ -28,6 +28,7 @@ Presets:
 
     python bench/bench_incremental.py --preset world
     python bench/bench_incremental.py --preset encoders --n 256   # a CPU-sized run
+    python bench/bench_incremental.py --preset encoders --changes +1%   # one change per sitting
 """
 
 from __future__ import annotations
@@ -177,7 +178,17 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rows-per-shard", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=None, help="execution.batch_size")
+    ap.add_argument(
+        "--changes",
+        default="+1%,+10%,1% mix",
+        help="which changes to time, comma-separated (each costs an update and a from-scratch "
+        "pass: on CPU with the encoders preset, run them in separate sittings)",
+    )
     args = ap.parse_args()
+    wanted = [c.strip() for c in args.changes.split(",") if c.strip()]
+    unknown = sorted(set(wanted) - {"+1%", "+10%", "1% mix"})
+    if unknown:
+        ap.error(f"--changes: unknown {unknown}; choose from +1%, +10%, 1% mix")
     n = args.n or (4096 if args.preset == "world" else 2048)
     extra = n // 10 + n // 100 + 2
     with tempfile.TemporaryDirectory(prefix="bench-incr-") as tmp_str:
@@ -202,9 +213,12 @@ def main() -> None:
         t_base, _ = stages(base_src, base_ds, params_path)
         t_fixed, counts = stages(base_src, base_ds, params_path)  # unchanged: the fixed cost
         t_start = startup(params_path)
-        print(f"from scratch on the base folder: {t_base:.1f} s")
+        print(f"from scratch on the base folder: {t_base:.1f} s", flush=True)
         print(f"rerun on the unchanged store: {t_fixed:.1f} s  {counts}")
-        print(f"fixed cost of a pass that encodes rows (imports + model load): {t_start:.1f} s")
+        print(
+            f"fixed cost of a pass that encodes rows (imports + model load): {t_start:.1f} s",
+            flush=True,
+        )
 
         k = max(1, n // 300)
         scenarios = {
@@ -222,6 +236,8 @@ def main() -> None:
         )
         per_stage: dict[str, dict[str, float]] = {}
         for name, src in scenarios.items():
+            if name not in wanted:
+                continue
             ds = tmp / f"ds-{name}"
             shutil.copytree(base_ds, ds)
             per_stage[name] = {}
@@ -230,9 +246,8 @@ def main() -> None:
             ratio = t_update / t_scratch
             net = (t_update - t_start) / max(t_scratch - t_start, 1e-9)
             done = " / ".join(str(counts.get(s, ("?", "?"))[1]) for s in COUNTS_ORDER)
-            print(
-                f"{name:<8} {t_update:>9.1f} {t_scratch:>10.1f} {ratio:>11.3f} {net:>10.3f}  {done}"
-            )
+            cells = f"{t_update:>9.1f} {t_scratch:>10.1f} {ratio:>11.3f} {net:>10.3f}"
+            print(f"{name:<8} {cells}  {done}", flush=True)
         print("where an update's time goes (seconds per stage process):")
         for name, each in per_stage.items():
             print(f"  {name:<8} " + ", ".join(f"{k} {v:.1f}" for k, v in each.items()))
