@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import sys
 import tempfile
 from collections.abc import Callable
@@ -198,7 +199,7 @@ def bench_render(tmp: Path, n: int, batch: int, repeats: int, device: str) -> No
     stub = null_generator(G, real)
 
     (tmp / "no-edits").mkdir()
-    calls = iter(range(1_000_000))
+    calls = itertools.count()
 
     def stage(generator) -> Callable[[], None]:
         def call() -> None:

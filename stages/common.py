@@ -45,7 +45,8 @@ class ExecutionConfig:
 
     def __post_init__(self) -> None:
         if self.precision == "auto":
-            object.__setattr__(self, "precision", resolve_precision("auto", self.device))
+            fast = fast_bf16(resolve_device(self.device))
+            object.__setattr__(self, "precision", "bf16" if fast else "fp32")
 
     def validate(self) -> None:
         check_device(self.device)
@@ -96,7 +97,7 @@ class ExecutionConfig:
         )
 
 
-PRECISIONS = ("fp32", "bf16")  # what runs; params may also say "auto" (resolve_precision)
+PRECISIONS = ("fp32", "bf16")  # what runs; params may also say "auto" (ExecutionConfig)
 
 
 def cpu_flags() -> set[str]:
@@ -120,13 +121,6 @@ def fast_bf16(device: str) -> bool:
 
         return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     return "amx_bf16" in cpu_flags()
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    """execution.precision as it runs: auto = bf16 where fast_bf16(device), else fp32."""
-    if precision != "auto":
-        return precision
-    return "bf16" if fast_bf16(resolve_device(device)) else "fp32"
 
 
 def autocast(device: str, precision: str) -> Any:

@@ -319,23 +319,25 @@ def _read(fs: Any, path: str) -> LeaseInfo | str | None:
 def _write(fs: Any, path: str, info: LeaseInfo) -> None:
     """Write the lease object whole: temp + rename on a local disk (a reader never sees half
     a file), one PUT (atomic by itself) on object storage."""
-    data = info.to_json()
     if isinstance(fs, LocalFileSystem):
-        tmp = f"{path}.{uuid.uuid4().hex}.partial"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        os.replace(_complete_temp(path, info), path)
     else:
-        fs.pipe_file(path, data)
+        fs.pipe_file(path, info.to_json())
+
+
+def _complete_temp(path: str, info: LeaseInfo) -> str:
+    """A temp file beside `path` holding the whole lease (renamed or linked into place)."""
+    tmp = f"{path}.{uuid.uuid4().hex}.partial"
+    with open(tmp, "wb") as f:
+        f.write(info.to_json())
+    return tmp
 
 
 def _create_exclusive(path: str, info: LeaseInfo) -> bool | None:
     """Create the lease file only if none exists (a hard link of a complete temp file:
     atomic, and exclusive across processes): True = ours, False = another pass created it
     first, None = this file system has no hard links (the caller falls back)."""
-    tmp = f"{path}.{uuid.uuid4().hex}.partial"
-    with open(tmp, "wb") as f:
-        f.write(info.to_json())
+    tmp = _complete_temp(path, info)
     try:
         os.link(tmp, path)
         return True
